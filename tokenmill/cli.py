@@ -1,0 +1,178 @@
+"""`tokenmill demo | generate | chat`: the command line over the offline engine."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Iterator
+
+from tokenmill.config import EngineConfig
+from tokenmill.engine.engine import LLMEngine
+from tokenmill.errors import TokenmillError
+from tokenmill.llm import LLM
+from tokenmill.sampling import SamplingParams
+
+DEMO_PROMPTS = [
+    "Write a haiku about the sea.",
+    "Explain what a CPU cache is in one paragraph.",
+    "List three uses of Python.",
+    "What is the boiling point of water?",
+    "Give me a tip for learning to cook.",
+    "Why is the sky blue?",
+    "Describe a cat to someone who has never seen one.",
+    "What makes a good password?",
+]
+
+
+def _engine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="GGUF file or HF folder (default: SmolLM2-135M)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all)")
+    parser.add_argument("--kv-cache-gib", type=float, default=1.0)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    parser.add_argument("--max-model-len", type=int, default=None)
+
+
+def _sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None)
+
+
+def _engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model,
+        num_threads=args.threads,
+        kv_cache_gib=args.kv_cache_gib,
+        block_size=args.block_size,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+    )
+
+
+def _sampling(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+
+
+def stream_text(engine: LLMEngine, prompt: str | list[int], params: SamplingParams) -> Iterator[str]:
+    """Yield the text of one request as it is produced."""
+    request_id = f"stream-{time.monotonic_ns()}"
+    engine.add_request(request_id, prompt, params)
+    sent = 0
+    while True:
+        for output in engine.step():
+            if output.request_id != request_id:
+                continue
+            text = output.outputs[0].text
+            if len(text) > sent:
+                yield text[sent:]
+                sent = len(text)
+            if output.finished:
+                return
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    llm = LLM(config=_engine_config(args))
+    outputs = llm.generate(args.prompts, _sampling(args), use_tqdm=len(args.prompts) > 1)
+    for output in outputs:
+        print(output.outputs[0].text)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    engine = LLMEngine(_engine_config(args))
+    messages: list[dict] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return 0
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        prompt = engine.tokenizer.apply_chat_template(messages)
+        reply = []
+        for piece in stream_text(engine, prompt, _sampling(args)):
+            reply.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    llm = LLM(config=_engine_config(args))
+    print(f"loaded {llm.engine.model_config.name} in {time.perf_counter() - start:.1f}s")
+    engine = llm.engine
+    question = "What are three good reasons to learn a second language?"
+    print(f"\n### chat: {question}\n")
+    prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": question}])
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+    start = time.perf_counter()
+    produced = 0
+    for piece in stream_text(engine, prompt, params):
+        produced += 1
+        print(piece, end="", flush=True)
+    elapsed = time.perf_counter() - start
+    print(f"\n\n[single stream: {engine.stats.generation_tokens} tokens total so far, {elapsed:.1f}s]")
+    conversations = [[{"role": "user", "content": p}] for p in DEMO_PROMPTS * (args.batch // len(DEMO_PROMPTS))]
+    before = engine.stats.generation_tokens
+    start = time.perf_counter()
+    outputs = llm.chat(conversations, SamplingParams(temperature=0.0, max_tokens=64), use_tqdm=True)
+    elapsed = time.perf_counter() - start
+    tokens = engine.stats.generation_tokens - before
+    print(f"\n### batch of {len(outputs)} chats: {tokens} tokens in {elapsed:.1f}s = {tokens / elapsed:.1f} tok/s")
+    for output in outputs[:3]:
+        print(f"- {output.outputs[0].text[:120]!r}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenmill", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    generate = commands.add_parser("generate", help="complete one or more prompts")
+    generate.add_argument("prompts", nargs="+")
+    _engine_args(generate)
+    _sampling_args(generate)
+    generate.set_defaults(func=cmd_generate)
+    chat = commands.add_parser("chat", help="interactive chat, streaming tokens (reads stdin)")
+    chat.add_argument("--system", default=None)
+    _engine_args(chat)
+    _sampling_args(chat)
+    chat.set_defaults(func=cmd_chat)
+    demo = commands.add_parser("demo", help="a chat answer and a batch, with tokens/s")
+    demo.add_argument("--batch", type=int, default=16)
+    _engine_args(demo)
+    _sampling_args(demo)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except TokenmillError as exc:
+        print(f"tokenmill: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

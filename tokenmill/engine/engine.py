@@ -1,0 +1,240 @@
+"""LLMEngine: add_request / step / abort. The one place the model, cache, scheduler and runner meet."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from tokenmill.config import EngineConfig
+from tokenmill.engine.block_manager import BlockManager
+from tokenmill.engine.runner import ModelRunner, kv_bytes_per_block
+from tokenmill.engine.scheduler import Scheduler
+from tokenmill.engine.sequence import Sequence
+from tokenmill.engine.stop_checker import append_text_and_check_stop
+from tokenmill.errors import InvalidParameterError, PromptTooLongError, RequestTooLargeError
+from tokenmill.layers.sampler import SamplingRow
+from tokenmill.models.loader import LoadedModel, load_model
+from tokenmill.models.registry import model_class
+from tokenmill.models.tokenizer import IncrementalDetokenizer
+from tokenmill.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from tokenmill.sampling import SamplingParams
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EngineStats:
+    """Counters since start, read by the CLI, benchmarks and (later) the metrics endpoint."""
+
+    steps: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    scheduled_tokens: int = 0
+    batch_sizes: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+    seqs: list[Sequence]
+    detokenizers: dict[int, IncrementalDetokenizer]
+    forked: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return len(self.seqs) == self.params.n and all(s.is_finished for s in self.seqs)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        torch.set_num_threads(config.resolved_threads())
+        self.config = config
+        dtype = _DTYPES[config.dtype]
+        self.loaded = loaded or load_model(config.model, dtype)
+        self.model_config = self.loaded.config
+        self.tokenizer = self.loaded.tokenizer
+        model_max = self.model_config.max_position_embeddings
+        self.max_model_len = min(config.max_model_len or model_max, model_max)
+        self.model = model_class(self.model_config)(self.model_config, self.loaded.weights, self.max_model_len)
+        per_block = kv_bytes_per_block(self.model_config, config.block_size, dtype)
+        num_blocks = config.num_kv_blocks or max(1, int(config.kv_cache_gib * 2**30 // per_block))
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.block_manager)
+        self.runner = ModelRunner(self.model, config, num_blocks, dtype)
+        self.eos_token_ids = tuple(sorted(set(self.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids)))
+        self.requests: dict[str, _Request] = {}
+        self.stats = EngineStats()
+        self._seed_source = random.Random(config.seed)
+
+    # ---- requests in -------------------------------------------------------------------------------
+    def tokenize_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidParameterError("prompt must not be empty", "prompt")
+            return prompt, self.tokenizer.encode(prompt)
+        if not isinstance(prompt, list | tuple) or not prompt:
+            raise InvalidParameterError("prompt must be a non-empty string or list of token ids", "prompt")
+        vocab = self.model_config.vocab_size
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in prompt):
+            raise InvalidParameterError(f"prompt token ids must be integers in [0, {vocab})", "prompt")
+        return None, list(prompt)
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Validate and queue a request; raises a typed error and changes nothing when input is bad."""
+        if request_id in self.requests:
+            raise InvalidParameterError(f"request id {request_id!r} is already in use", "request_id")
+        params = dataclasses.replace(params) if params else SamplingParams()
+        text, token_ids = self.tokenize_prompt(prompt)
+        if len(token_ids) >= self.max_model_len:
+            raise PromptTooLongError(
+                f"prompt has {len(token_ids)} tokens; this model's context is {self.max_model_len} tokens "
+                "and at least one must be left to generate",
+                "prompt",
+            )
+        room = self.max_model_len - len(token_ids)
+        if params.max_tokens is None or params.max_tokens > room:
+            params.max_tokens = room
+            params.min_tokens = min(params.min_tokens, room)
+        blocks = self.block_manager.blocks_needed(len(token_ids) + params.max_tokens)
+        if blocks > self.block_manager.num_blocks:
+            raise RequestTooLargeError(
+                f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) needs {blocks} KV blocks "
+                f"but the cache has only {self.block_manager.num_blocks}; lower max_tokens or raise the KV budget",
+                "max_tokens",
+            )
+        now = arrival_time if arrival_time is not None else time.monotonic()
+        request = _Request(request_id, text, token_ids, params, now, [], {})
+        self.requests[request_id] = request
+        parent = self._new_sequence(request, 0)
+        self.scheduler.add(parent)
+        self.stats.prompt_tokens += len(token_ids)
+
+    def _new_sequence(self, request: _Request, index: int) -> Sequence:
+        seed = request.params.seed
+        seed = seed + index if seed is not None else self._seed_source.getrandbits(63)
+        generator = None if request.params.greedy else torch.Generator().manual_seed(seed)
+        seq = Sequence(
+            request.request_id, index, request.prompt_token_ids, request.params, generator, request.arrival_time
+        )
+        request.seqs.append(seq)
+        request.detokenizers[seq.seq_id] = IncrementalDetokenizer(
+            self.tokenizer, request.params.skip_special_tokens
+        )
+        return seq
+
+    def abort_request(self, request_id: str) -> None:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq)
+                seq.finish_reason = "abort"
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---- one iteration -----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, sample, and report every request that moved."""
+        batch = self.scheduler.schedule()
+        if not batch.entries:
+            return []
+        rows = {
+            e.seq.seq_id: self._sampling_row(e.seq) for e in batch.entries if e.completes_known_tokens
+        }
+        results = self.runner.execute(batch, rows)
+        self.stats.steps += 1
+        self.stats.scheduled_tokens += batch.num_tokens
+        self.stats.batch_sizes.append(len(batch))
+        now = time.monotonic()
+        touched: dict[str, list[int]] = {}
+        for entry in batch.entries:
+            seq = entry.seq
+            seq.num_computed_tokens += entry.num_new_tokens
+            self.block_manager.cache_full_blocks(seq)
+            if seq.seq_id not in results:
+                continue
+            request = self.requests[seq.request_id]
+            if request.params.n > 1 and not request.forked:
+                self._fork(request, seq)
+            token, logprob = results[seq.seq_id]
+            self._append_token(request, seq, token, logprob, now)
+            touched.setdefault(seq.request_id, []).append(seq.index)
+        return [self._output(self.requests[rid], counts) for rid, counts in touched.items()]
+
+    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+        params = seq.params
+        banned: list[int] = []
+        if seq.num_output_tokens < params.min_tokens:
+            banned = list(params.stop_token_ids) + ([] if params.ignore_eos else list(self.eos_token_ids))
+        return SamplingRow(params, seq.generator, seq.prompt_token_ids, seq.output_token_ids, banned)
+
+    def _fork(self, request: _Request, parent: Sequence) -> None:
+        """n > 1: children share the parent's prompt blocks; each recomputes only the last prompt token
+        (copy-on-write gives it a private last block) and samples its own first token."""
+        request.forked = True
+        for index in range(request.params.n - 1, 0, -1):
+            child = self._new_sequence(request, index)
+            self.block_manager.fork(parent, child)
+            child.num_computed_tokens = parent.num_computed_tokens - 1
+            self.scheduler.add(child, front=True)
+        request.seqs.sort(key=lambda s: s.index)
+
+    def _append_token(self, request: _Request, seq: Sequence, token: int, logprob, now: float) -> None:
+        seq.token_ids.append(token)
+        self.stats.generation_tokens += 1
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        new_text = request.detokenizers[seq.seq_id].step(seq.output_token_ids)
+        append_text_and_check_stop(seq, new_text, self.eos_token_ids, self.max_model_len)
+        if seq.finish_reason is not None:
+            seq.finished_time = now
+            self.scheduler.finish(seq)
+
+    def _output(self, request: _Request, moved: list[int]) -> RequestOutput:
+        finished = request.finished
+        if finished:
+            del self.requests[request.request_id]
+        by_index = {s.index: s for s in request.seqs}
+        outputs = []
+        counts = []
+        for index in range(request.params.n):
+            seq = by_index.get(index)
+            if seq is None:
+                outputs.append(CompletionOutput(index, "", []))
+                counts.append(0)
+                continue
+            logprobs = seq.logprobs if request.params.logprobs is not None else None
+            outputs.append(
+                CompletionOutput(index, seq.output_text, seq.output_token_ids, seq.finish_reason, logprobs)
+            )
+            counts.append(moved.count(index))
+        first = request.seqs[0]
+        metrics = RequestMetrics(
+            arrival_time=request.arrival_time,
+            first_scheduled_time=first.first_scheduled_time,
+            first_token_time=min((s.first_token_time for s in request.seqs if s.first_token_time), default=None),
+            finished_time=max((s.finished_time or 0 for s in request.seqs), default=None) if finished else None,
+            num_cached_tokens=first.num_cached_tokens,
+            num_preemptions=sum(s.num_preemptions for s in request.seqs),
+        )
+        return RequestOutput(
+            request.request_id, request.prompt, request.prompt_token_ids, outputs, finished, metrics, counts
+        )

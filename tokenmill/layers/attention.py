@@ -1,0 +1,72 @@
+"""Paged attention: write new K/V into cache slots, then attend prefill spans and batched decodes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class PrefillSpan:
+    """Rows [start, end) of the flat batch belong to one sequence whose context is `context_len` long.
+
+    `gather` holds the cache slots of the whole context when part of it was computed earlier (chunked
+    prefill, prefix-cache hit); None means the span is the whole context and attends its own fresh K/V.
+    """
+
+    start: int
+    end: int
+    gather: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+
+@dataclass(slots=True)
+class AttentionContext:
+    """Per-step attention metadata, built once by the runner and shared by every layer."""
+
+    slot_mapping: torch.Tensor
+    num_decode: int = 0
+    decode_gather: torch.Tensor | None = None  # [B, S] cache slots, padded
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, S] True where the key is real
+    prefills: list[PrefillSpan] = field(default_factory=list)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    ctx: AttentionContext,
+    scale: float,
+) -> torch.Tensor:
+    """q: [T, Hq, D]; k, v: [T, Hkv, D]; caches: [num_slots, Hkv, D]. Returns [T, Hq, D]."""
+    k_cache.index_copy_(0, ctx.slot_mapping, k)
+    v_cache.index_copy_(0, ctx.slot_mapping, v)
+    out = torch.empty_like(q)
+    if ctx.num_decode:
+        b = ctx.num_decode
+        keys = k_cache[ctx.decode_gather].transpose(1, 2)  # [B, Hkv, S, D]
+        values = v_cache[ctx.decode_gather].transpose(1, 2)
+        attended = F.scaled_dot_product_attention(
+            q[:b].unsqueeze(2), keys, values, attn_mask=ctx.decode_mask, scale=scale, enable_gqa=True
+        )
+        out[:b] = attended.squeeze(2)
+    for span in ctx.prefills:
+        query = q[span.start : span.end].transpose(0, 1)  # [Hq, L, D]
+        if span.gather is None:
+            keys = k[span.start : span.end].transpose(0, 1)
+            values = v[span.start : span.end].transpose(0, 1)
+            attended = F.scaled_dot_product_attention(
+                query, keys, values, is_causal=True, scale=scale, enable_gqa=True
+            )
+        else:
+            keys = k_cache[span.gather].transpose(0, 1)  # [Hkv, C, D]
+            values = v_cache[span.gather].transpose(0, 1)
+            attended = F.scaled_dot_product_attention(
+                query, keys, values, attn_mask=span.mask, scale=scale, enable_gqa=True
+            )
+        out[span.start : span.end] = attended.transpose(0, 1)
+    return out
