@@ -68,9 +68,9 @@ class ModelRunner:
             for row, entry in enumerate(decodes):
                 tables[row, : len(entry.seq.block_table)] = torch.tensor(entry.seq.block_table)
             gather = (tables.unsqueeze(-1) * self.block_size + self._offsets).reshape(len(decodes), -1)
-            lens = torch.tensor(context_lens)
-            ctx.decode_gather = gather
-            ctx.decode_mask = (torch.arange(gather.shape[1]) < lens.unsqueeze(1))[:, None, None, :]
+            padding = torch.arange(gather.shape[1]) >= torch.tensor(context_lens).unsqueeze(1)
+            ctx.decode_gather = gather.reshape(-1)
+            ctx.decode_bias = torch.zeros(padding.shape).masked_fill_(padding, float("-inf"))[:, None, None, :]
         for entry in entries:
             if entry.num_new_tokens == 1:
                 continue

@@ -28,8 +28,8 @@ class AttentionContext:
 
     slot_mapping: torch.Tensor
     num_decode: int = 0
-    decode_gather: torch.Tensor | None = None  # [B, S] cache slots, padded
-    decode_mask: torch.Tensor | None = None  # [B, 1, 1, S] True where the key is real
+    decode_gather: torch.Tensor | None = None  # [B * S] cache slots, each row padded to S
+    decode_bias: torch.Tensor | None = None  # [B, 1, 1, S] 0 where the key is real, -inf on padding
     prefills: list[PrefillSpan] = field(default_factory=list)
 
 
@@ -48,10 +48,12 @@ def paged_attention(
     out = torch.empty_like(q)
     if ctx.num_decode:
         b = ctx.num_decode
-        keys = k_cache[ctx.decode_gather].transpose(1, 2)  # [B, Hkv, S, D]
-        values = v_cache[ctx.decode_gather].transpose(1, 2)
+        shape = (b, -1, k_cache.shape[1], k_cache.shape[2])
+        # index_select on the slot dim is several times faster than advanced indexing here.
+        keys = k_cache.index_select(0, ctx.decode_gather).view(shape).transpose(1, 2)  # [B, Hkv, S, D]
+        values = v_cache.index_select(0, ctx.decode_gather).view(shape).transpose(1, 2)
         attended = F.scaled_dot_product_attention(
-            q[:b].unsqueeze(2), keys, values, attn_mask=ctx.decode_mask, scale=scale, enable_gqa=True
+            q[:b].unsqueeze(2), keys, values, attn_mask=ctx.decode_bias, scale=scale, enable_gqa=True
         )
         out[:b] = attended.squeeze(2)
     for span in ctx.prefills:
@@ -63,8 +65,8 @@ def paged_attention(
                 query, keys, values, is_causal=True, scale=scale, enable_gqa=True
             )
         else:
-            keys = k_cache[span.gather].transpose(0, 1)  # [Hkv, C, D]
-            values = v_cache[span.gather].transpose(0, 1)
+            keys = k_cache.index_select(0, span.gather).transpose(0, 1)  # [Hkv, C, D]
+            values = v_cache.index_select(0, span.gather).transpose(0, 1)
             attended = F.scaled_dot_product_attention(
                 query, keys, values, attn_mask=span.mask, scale=scale, enable_gqa=True
             )

@@ -73,6 +73,7 @@ class LlamaModel:
         cfg = self.config
         tokens = input_ids.shape[0]
         hidden = F.embedding(input_ids, self.embed)
+        cos, sin = self.rotary.tables(positions, hidden.dtype)
         for index, layer in enumerate(self.layers):
             x = rms_norm(hidden, layer.input_norm, cfg.rms_norm_eps)
             qkv = F.linear(x, layer.qkv, layer.qkv_bias)
@@ -83,7 +84,7 @@ class LlamaModel:
             if layer.q_norm is not None:
                 q = rms_norm(q, layer.q_norm, cfg.rms_norm_eps)
                 k = rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
-            q, k = self.rotary.apply(q, k, positions)
+            q, k = self.rotary.apply(q, k, cos, sin)
             attended = paged_attention(q, k, v, kv_cache[index, 0], kv_cache[index, 1], ctx, self.scale)
             hidden = hidden + F.linear(attended.reshape(tokens, self.q_size), layer.o_proj)
             x = rms_norm(hidden, layer.post_norm, cfg.rms_norm_eps)
