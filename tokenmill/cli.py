@@ -130,13 +130,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(piece, end="", flush=True)
     elapsed = time.perf_counter() - start
     print(f"\n\n[single stream: {engine.stats.generation_tokens} tokens total so far, {elapsed:.1f}s]")
-    conversations = [[{"role": "user", "content": p}] for p in DEMO_PROMPTS * (args.batch // len(DEMO_PROMPTS))]
+    conversations = [
+        [{"role": "user", "content": p}] for p in DEMO_PROMPTS * (args.batch // len(DEMO_PROMPTS))
+    ]
     before = engine.stats.generation_tokens
     start = time.perf_counter()
     outputs = llm.chat(conversations, SamplingParams(temperature=0.0, max_tokens=64), use_tqdm=True)
     elapsed = time.perf_counter() - start
     tokens = engine.stats.generation_tokens - before
-    print(f"\n### batch of {len(outputs)} chats: {tokens} tokens in {elapsed:.1f}s = {tokens / elapsed:.1f} tok/s")
+    rate = tokens / elapsed
+    print(f"\n### batch of {len(outputs)} chats: {tokens} tokens in {elapsed:.1f}s = {rate:.1f} tok/s")
     for output in outputs[:3]:
         print(f"- {output.outputs[0].text[:120]!r}")
     return 0

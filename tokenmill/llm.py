@@ -22,8 +22,8 @@ class LLM:
     """Runs a batch of prompts to completion through the continuous-batching engine."""
 
     def __init__(self, model: str | None = None, **engine_options: Any) -> None:
-        config = engine_options.pop("config", None) or EngineConfig(model=model, **engine_options)
         loaded = engine_options.pop("loaded", None)
+        config = engine_options.pop("config", None) or EngineConfig(model=model, **engine_options)
         self.engine = LLMEngine(config, loaded)
         self._ids = itertools.count()
 

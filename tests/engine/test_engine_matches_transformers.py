@@ -60,7 +60,9 @@ def test_chunked_prefill_and_prefix_cache_match_transformers(tiny_models, refere
     # A second pass over the same prompts is served largely from the prefix cache.
     hits_before = engine.block_manager.prefix_hits
     assert _run(engine, prompts) == expected
-    assert engine.block_manager.prefix_hits - hits_before >= sum(len(p) // 16 - 1 for p in prompts if len(p) > 32)
+    assert engine.block_manager.prefix_hits - hits_before >= sum(
+        len(p) // 16 - 1 for p in prompts if len(p) > 32
+    )
     assert_no_leak(engine)
 
 

@@ -63,13 +63,17 @@ class LLMEngine:
         self.tokenizer = self.loaded.tokenizer
         model_max = self.model_config.max_position_embeddings
         self.max_model_len = min(config.max_model_len or model_max, model_max)
-        self.model = model_class(self.model_config)(self.model_config, self.loaded.weights, self.max_model_len)
+        self.model = model_class(self.model_config)(
+            self.model_config, self.loaded.weights, self.max_model_len
+        )
         per_block = kv_bytes_per_block(self.model_config, config.block_size, dtype)
         num_blocks = config.num_kv_blocks or max(1, int(config.kv_cache_gib * 2**30 // per_block))
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
         self.runner = ModelRunner(self.model, config, num_blocks, dtype)
-        self.eos_token_ids = tuple(sorted(set(self.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids)))
+        self.eos_token_ids = tuple(
+            sorted(set(self.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids))
+        )
         self.requests: dict[str, _Request] = {}
         self.stats = EngineStats()
         self._seed_source = random.Random(config.seed)
@@ -112,8 +116,9 @@ class LLMEngine:
         blocks = self.block_manager.blocks_needed(len(token_ids) + params.max_tokens)
         if blocks > self.block_manager.num_blocks:
             raise RequestTooLargeError(
-                f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) needs {blocks} KV blocks "
-                f"but the cache has only {self.block_manager.num_blocks}; lower max_tokens or raise the KV budget",
+                f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) needs {blocks} "
+                f"KV blocks but the cache has only {self.block_manager.num_blocks}; "
+                "lower max_tokens or raise the KV budget",
                 "max_tokens",
             )
         now = arrival_time if arrival_time is not None else time.monotonic()
@@ -128,7 +133,12 @@ class LLMEngine:
         seed = seed + index if seed is not None else self._seed_source.getrandbits(63)
         generator = None if request.params.greedy else torch.Generator().manual_seed(seed)
         seq = Sequence(
-            request.request_id, index, request.prompt_token_ids, request.params, generator, request.arrival_time
+            request.request_id,
+            index,
+            request.prompt_token_ids,
+            request.params,
+            generator,
+            request.arrival_time,
         )
         request.seqs.append(seq)
         request.detokenizers[seq.seq_id] = IncrementalDetokenizer(
@@ -154,9 +164,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.entries:
             return []
-        rows = {
-            e.seq.seq_id: self._sampling_row(e.seq) for e in batch.entries if e.completes_known_tokens
-        }
+        rows = {e.seq.seq_id: self._sampling_row(e.seq) for e in batch.entries if e.completes_known_tokens}
         results = self.runner.execute(batch, rows)
         self.stats.steps += 1
         self.stats.scheduled_tokens += batch.num_tokens
@@ -230,8 +238,12 @@ class LLMEngine:
         metrics = RequestMetrics(
             arrival_time=request.arrival_time,
             first_scheduled_time=first.first_scheduled_time,
-            first_token_time=min((s.first_token_time for s in request.seqs if s.first_token_time), default=None),
-            finished_time=max((s.finished_time or 0 for s in request.seqs), default=None) if finished else None,
+            first_token_time=min(
+                (s.first_token_time for s in request.seqs if s.first_token_time), default=None
+            ),
+            finished_time=max((s.finished_time or 0 for s in request.seqs), default=None)
+            if finished
+            else None,
             num_cached_tokens=first.num_cached_tokens,
             num_preemptions=sum(s.num_preemptions for s in request.seqs),
         )

@@ -70,7 +70,9 @@ class ModelRunner:
             gather = (tables.unsqueeze(-1) * self.block_size + self._offsets).reshape(len(decodes), -1)
             padding = torch.arange(gather.shape[1]) >= torch.tensor(context_lens).unsqueeze(1)
             ctx.decode_gather = gather.reshape(-1)
-            ctx.decode_bias = torch.zeros(padding.shape).masked_fill_(padding, float("-inf"))[:, None, None, :]
+            ctx.decode_bias = torch.zeros(padding.shape).masked_fill_(padding, float("-inf"))[
+                :, None, None, :
+            ]
         for entry in entries:
             if entry.num_new_tokens == 1:
                 continue

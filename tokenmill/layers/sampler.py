@@ -29,7 +29,9 @@ def _apply_penalties(logits: torch.Tensor, row: SamplingRow) -> None:
         values = logits[seen]
         logits[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
     if row.output_token_ids and (p.presence_penalty or p.frequency_penalty):
-        counts = torch.bincount(torch.tensor(row.output_token_ids), minlength=logits.shape[0]).to(logits.dtype)
+        counts = torch.bincount(torch.tensor(row.output_token_ids), minlength=logits.shape[0]).to(
+            logits.dtype
+        )
         logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
 
 
@@ -50,9 +52,7 @@ def _truncate(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     return torch.empty_like(logits).scatter_(1, order, ordered)
 
 
-def sample(
-    logits: torch.Tensor, rows: list[SamplingRow]
-) -> tuple[list[int], list[TokenLogprob | None]]:
+def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits: [N, V] raw model output, one row per entry of rows. Returns chosen ids and logprobs."""
     wants_logprobs = [r.params.logprobs is not None for r in rows]
     raw_logprobs = logits.log_softmax(dim=-1) if any(wants_logprobs) else None

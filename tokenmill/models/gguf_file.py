@@ -59,7 +59,7 @@ def _metadata(reader: GGUFReader) -> dict[str, Any]:
 
 
 def _unpermute_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
-    """Undo llama.cpp's convert-time interleaving of Q/K rows (rotary pairs) back to HF's half-split layout."""
+    """Undo llama.cpp's convert-time interleaving of Q/K rows back to HF's half-split rotary layout."""
     rows = weight.shape[0]
     return (
         weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:])
@@ -72,7 +72,8 @@ def _config_from_metadata(meta: dict[str, Any], path: Path) -> ModelConfig:
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedArchitectureError(
-            f"{path.name}: architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            f"{path.name}: architecture {arch!r} is not supported; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
 
     def key(name: str, default: Any = None) -> Any:
@@ -128,7 +129,9 @@ def load_gguf(path: Path, dtype: torch.dtype) -> tuple[ModelConfig, dict[str, to
                 "supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1"
             )
         try:
-            array = dequantize(tensor.data, tensor.tensor_type).reshape(tuple(reversed(tensor.shape.tolist())))
+            array = dequantize(tensor.data, tensor.tensor_type).reshape(
+                tuple(reversed(tensor.shape.tolist()))
+            )
         except Exception as exc:
             raise ModelLoadError(f"{path.name}: tensor {tensor.name} is damaged: {exc}") from exc
         if config.architecture in ("llama", "mistral"):

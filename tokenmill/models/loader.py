@@ -85,7 +85,9 @@ def _config_from_hf(raw: dict, path: Path) -> ModelConfig:
     generation = path / "generation_config.json"
     if generation.is_file():
         gen_eos = json.loads(generation.read_text()).get("eos_token_id")
-        eos_ids += tuple(gen_eos) if isinstance(gen_eos, list) else ((gen_eos,) if gen_eos is not None else ())
+        eos_ids += (
+            tuple(gen_eos) if isinstance(gen_eos, list) else ((gen_eos,) if gen_eos is not None else ())
+        )
     max_len = int(raw.get("max_position_embeddings", 2048))
     window = raw.get("sliding_window")
     if window and (arch == "mistral" or raw.get("use_sliding_window")):

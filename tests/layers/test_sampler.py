@@ -1,0 +1,87 @@
+"""The sampler's maths on fixed logits: distributions, truncation, penalties."""
+
+import pytest
+import torch
+
+from tokenmill.errors import InvalidParameterError
+from tokenmill.layers.sampler import SamplingRow, sample
+from tokenmill.sampling import SamplingParams
+
+LOGITS = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
+
+
+def _row(seed: int, **kw) -> SamplingRow:
+    return SamplingRow(SamplingParams(**kw), torch.Generator().manual_seed(seed), [], [], [])
+
+
+def _frequencies(draws: int, **kw) -> torch.Tensor:
+    counts = torch.zeros(LOGITS.shape[1])
+    for seed in range(draws):
+        token, _ = sample(LOGITS, [_row(seed, **kw)])
+        counts[token[0]] += 1
+    return counts / draws
+
+
+def test_temperature_sampling_follows_softmax():
+    freq = _frequencies(3000, temperature=1.0)
+    expected = LOGITS[0].softmax(-1)
+    assert (freq - expected).abs().max() < 0.03
+
+
+def test_low_temperature_sharpens():
+    assert _frequencies(400, temperature=0.1)[0] > 0.99
+
+
+def test_top_k_top_p_min_p_exclude_the_tail():
+    assert _frequencies(500, temperature=1.0, top_k=2)[2:].sum() == 0
+    probs = LOGITS[0].softmax(-1)  # ~[0.56, 0.21, 0.13, 0.08, 0.03, 0.004]
+    assert probs[:2].sum() < 0.8 < probs[:3].sum()
+    assert _frequencies(500, temperature=1.0, top_p=0.8)[3:].sum() == 0
+    assert _frequencies(500, temperature=1.0, min_p=0.2)[3:].sum() == 0  # 0.08 < 0.2 * 0.56
+
+
+def test_presence_and_frequency_penalties_follow_openai_formula():
+    row = SamplingRow(
+        SamplingParams(temperature=0, presence_penalty=0.7, frequency_penalty=0.8), None, [], [0, 0, 1], []
+    )
+    # token 0: 2.0 - 2*0.8 - 0.7 = -0.3; token 1: 1.0 - 0.8 - 0.7 = -0.5; token 2 keeps 0.5 and wins.
+    assert sample(LOGITS, [row])[0] == [2]
+
+
+def test_banned_tokens_are_never_chosen():
+    row = SamplingRow(SamplingParams(temperature=0), None, [], [], [0, 1])
+    assert sample(LOGITS, [row])[0] == [2]
+
+
+def test_greedy_and_seeded_rows_in_one_batch_do_not_disturb_each_other():
+    batch = LOGITS.repeat(3, 1)
+    rows = [_row(5, temperature=1.0), SamplingRow(SamplingParams(temperature=0), None, [], [], []), _row(6)]
+    together, _ = sample(batch, rows)
+    assert together[1] == 0
+    assert together[0] == sample(LOGITS, [_row(5, temperature=1.0)])[0][0]
+    assert together[2] == sample(LOGITS, [_row(6)])[0][0]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"top_p": 0.0},
+        {"top_p": 1.5},
+        {"temperature": -0.1},
+        {"max_tokens": -1},
+        {"max_tokens": 0},
+        {"n": 0},
+        {"top_k": -5},
+        {"min_p": 2.0},
+        {"logprobs": 100},
+        {"stop": [""]},
+        {"repetition_penalty": 0.0},
+        {"presence_penalty": 3.0},
+        {"min_tokens": 10, "max_tokens": 5},
+    ],
+)
+def test_invalid_parameters_raise_a_typed_error_naming_the_parameter(kwargs):
+    with pytest.raises(InvalidParameterError) as info:
+        SamplingParams(**kwargs)
+    assert info.value.param in kwargs
+    assert "must" in str(info.value)
