@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -145,6 +146,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    import uvicorn
+
+    from tokenmill.engine.async_engine import AsyncEngine
+    from tokenmill.models.loader import DEFAULT_MODEL_NAME
+    from tokenmill.serve.app import build_app
+
+    if args.model_path and not args.model:
+        args.model = args.model_path
+    engine = LLMEngine(_engine_config(args))
+    name = args.served_model_name or (DEFAULT_MODEL_NAME if args.model is None else args.model)
+    api_key = args.api_key or os.environ.get("TOKENMILL_API_KEY") or None
+    app = build_app(AsyncEngine(engine, args.max_queued_requests), name, api_key)
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30
+    )
+    # uvicorn drains in-flight requests on SIGINT/SIGTERM, then re-raises the signal; these no-op
+    # handlers receive it, so a clean shutdown exits 0 instead of dying by the signal.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    uvicorn.Server(config).run()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenmill", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -158,6 +185,18 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(chat)
     _sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
+    serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server")
+    serve.add_argument("model_path", nargs="?", default=None, help="model (default: SmolLM2-135M)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--api-key", default=None, help="require 'Authorization: Bearer KEY' (or TOKENMILL_API_KEY)"
+    )
+    serve.add_argument("--served-model-name", default=None)
+    serve.add_argument("--max-queued-requests", type=int, default=256, help="beyond running ones; then 429")
+    serve.add_argument("--log-level", default="info")
+    _engine_args(serve)
+    serve.set_defaults(func=cmd_serve)
     demo = commands.add_parser("demo", help="a chat answer and a batch, with tokens/s")
     demo.add_argument("--batch", type=int, default=16)
     _engine_args(demo)

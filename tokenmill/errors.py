@@ -27,3 +27,11 @@ class ModelLoadError(TokenmillError):
 
 class UnsupportedArchitectureError(ModelLoadError):
     """The model's architecture is not one tokenmill implements."""
+
+
+class EngineOverloadedError(TokenmillError):
+    """Too many requests are already waiting; the caller should retry later."""
+
+
+class EngineStoppedError(TokenmillError):
+    """The engine is shutting down and takes no new requests."""

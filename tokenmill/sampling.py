@@ -93,8 +93,8 @@ class SamplingParams:
             "frequency_penalty",
         )
         _require(
-            self.seed is None or isinstance(self.seed, int),
-            f"seed must be an integer, got {self.seed!r}",
+            self.seed is None or (isinstance(self.seed, int) and -(2**63) <= self.seed < 2**63),
+            f"seed must be a 64-bit integer, got {self.seed!r}",
             "seed",
         )
         _require(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -34,7 +34,8 @@ class EngineStats:
     prompt_tokens: int = 0
     generation_tokens: int = 0
     scheduled_tokens: int = 0
-    batch_sizes: list[int] = field(default_factory=list)
+    last_batch_size: int = 0
+    last_batch_tokens: int = 0
 
 
 @dataclass
@@ -103,6 +104,11 @@ class LLMEngine:
             raise InvalidParameterError(f"request id {request_id!r} is already in use", "request_id")
         params = dataclasses.replace(params) if params else SamplingParams()
         text, token_ids = self.tokenize_prompt(prompt)
+        vocab = self.model_config.vocab_size
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise InvalidParameterError(
+                f"stop_token_ids must be below the vocabulary size {vocab}", "stop_token_ids"
+            )
         if len(token_ids) >= self.max_model_len:
             raise PromptTooLongError(
                 f"prompt has {len(token_ids)} tokens; this model's context is {self.max_model_len} tokens "
@@ -130,7 +136,7 @@ class LLMEngine:
 
     def _new_sequence(self, request: _Request, index: int) -> Sequence:
         seed = request.params.seed
-        seed = seed + index if seed is not None else self._seed_source.getrandbits(63)
+        seed = (seed + index) % 2**63 if seed is not None else self._seed_source.getrandbits(63)
         generator = None if request.params.greedy else torch.Generator().manual_seed(seed)
         seq = Sequence(
             request.request_id,
@@ -168,7 +174,8 @@ class LLMEngine:
         results = self.runner.execute(batch, rows)
         self.stats.steps += 1
         self.stats.scheduled_tokens += batch.num_tokens
-        self.stats.batch_sizes.append(len(batch))
+        self.stats.last_batch_size = len(batch)
+        self.stats.last_batch_tokens = batch.num_tokens
         now = time.monotonic()
         touched: dict[str, list[int]] = {}
         for entry in batch.entries:
