@@ -172,6 +172,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_offline(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tokenmill.bench.offline import markdown_table, run_offline
+
+    results = run_offline(
+        args.model,
+        args.num_prompts,
+        args.input_len,
+        args.output_len,
+        [p for p in args.peers.split(",") if p],
+        seed=args.seed,
+        threads=args.threads,
+        out_dir=Path(args.out_dir),
+    )
+    print(markdown_table(results))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenmill", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -197,6 +216,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info")
     _engine_args(serve)
     serve.set_defaults(func=cmd_serve)
+    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    offline = bench.add_parser("offline", help="offline throughput vs peers (same run)")
+    offline.add_argument("--model", default=None)
+    offline.add_argument("--threads", type=int, default=None)
+    offline.add_argument("--num-prompts", type=int, default=64)
+    offline.add_argument("--input-len", type=int, default=128)
+    offline.add_argument("--output-len", type=int, default=128)
+    offline.add_argument("--peers", default="hf", help="comma list: hf (or empty)")
+    offline.add_argument("--seed", type=int, default=0)
+    offline.add_argument("--out-dir", default="results")
+    offline.set_defaults(func=cmd_bench_offline)
     demo = commands.add_parser("demo", help="a chat answer and a batch, with tokens/s")
     demo.add_argument("--batch", type=int, default=16)
     _engine_args(demo)

@@ -12,31 +12,41 @@ import torch.nn.functional as F
 
 from tokenmill.config import ModelConfig
 from tokenmill.layers.attention import AttentionContext, paged_attention
+from tokenmill.layers.linear import DenseLinear, make_linear
 from tokenmill.layers.norm import rms_norm
 from tokenmill.layers.rotary import RotaryEmbedding
+
+Linear = DenseLinear
 
 
 @dataclass(slots=True)
 class DecoderLayerWeights:
     input_norm: torch.Tensor
-    qkv: torch.Tensor
-    qkv_bias: torch.Tensor | None
+    qkv: Linear
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
-    o_proj: torch.Tensor
+    o_proj: Linear
     post_norm: torch.Tensor
-    gate_up: torch.Tensor
-    down: torch.Tensor
+    gate_up: Linear
+    down: Linear
 
 
 class LlamaModel:
     """Stateless apart from weights: the KV cache and attention metadata come in with every call."""
 
-    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], max_positions: int) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: dict[str, torch.Tensor],
+        max_positions: int,
+        quantization: str | None = None,
+    ) -> None:
         self.config = config
+        self.quantization = quantization
         self.embed = weights["model.embed_tokens.weight"]
         self.norm = weights["model.norm.weight"]
-        self.lm_head = self.embed if config.tie_word_embeddings else weights["lm_head.weight"]
+        head = self.embed if config.tie_word_embeddings else weights["lm_head.weight"]
+        self.lm_head = make_linear(head, None, quantization)
         self.layers = [self._layer(weights, i) for i in range(config.num_layers)]
         self.rotary = RotaryEmbedding(config.head_dim, max_positions, config.rope_theta, config.rope_scaling)
         self.q_size = config.num_heads * config.head_dim
@@ -49,16 +59,18 @@ class LlamaModel:
         bias = None
         if self.config.attention_bias and attn + "q_proj.bias" in weights:
             bias = torch.cat([weights[attn + f"{n}_proj.bias"] for n in "qkv"])
+        quant = self.quantization
+        qkv = torch.cat([weights[attn + f"{n}_proj.weight"] for n in "qkv"])
+        gate_up = torch.cat([weights[p + "mlp.gate_proj.weight"], weights[p + "mlp.up_proj.weight"]])
         return DecoderLayerWeights(
             input_norm=weights[p + "input_layernorm.weight"],
-            qkv=torch.cat([weights[attn + f"{n}_proj.weight"] for n in "qkv"]).contiguous(),
-            qkv_bias=bias,
+            qkv=make_linear(qkv, bias, quant),
             q_norm=weights.get(attn + "q_norm.weight") if self.config.qk_norm else None,
             k_norm=weights.get(attn + "k_norm.weight") if self.config.qk_norm else None,
-            o_proj=weights[attn + "o_proj.weight"],
+            o_proj=make_linear(weights[attn + "o_proj.weight"], None, quant),
             post_norm=weights[p + "post_attention_layernorm.weight"],
-            gate_up=torch.cat([weights[p + "mlp.gate_proj.weight"], weights[p + "mlp.up_proj.weight"]]),
-            down=weights[p + "mlp.down_proj.weight"],
+            gate_up=make_linear(gate_up, None, quant),
+            down=make_linear(weights[p + "mlp.down_proj.weight"], None, quant),
         )
 
     @torch.inference_mode()
@@ -76,7 +88,7 @@ class LlamaModel:
         cos, sin = self.rotary.tables(positions, hidden.dtype)
         for index, layer in enumerate(self.layers):
             x = rms_norm(hidden, layer.input_norm, cfg.rms_norm_eps)
-            qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+            qkv = layer.qkv(x)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q = q.reshape(tokens, cfg.num_heads, cfg.head_dim)
             k = k.reshape(tokens, cfg.num_kv_heads, cfg.head_dim)
@@ -86,12 +98,12 @@ class LlamaModel:
                 k = rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
             q, k = self.rotary.apply(q, k, cos, sin)
             attended = paged_attention(q, k, v, kv_cache[index, 0], kv_cache[index, 1], ctx, self.scale)
-            hidden = hidden + F.linear(attended.reshape(tokens, self.q_size), layer.o_proj)
+            hidden = hidden + layer.o_proj(attended.reshape(tokens, self.q_size))
             x = rms_norm(hidden, layer.post_norm, cfg.rms_norm_eps)
-            gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
-            hidden = hidden + F.linear(F.silu(gate) * up, layer.down)
+            gate, up = layer.gate_up(x).chunk(2, dim=-1)
+            hidden = hidden + layer.down(F.silu(gate) * up)
         return rms_norm(hidden, self.norm, cfg.rms_norm_eps)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head)
+        return self.lm_head(hidden)

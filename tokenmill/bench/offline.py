@@ -1,0 +1,164 @@
+"""Offline throughput: the same random-token workload through tokenmill and its peers, in one process.
+
+Numbers are only compared within one run (same machine state); every peer that cannot run is reported
+with the reason instead of being skipped silently.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from tokenmill.config import EngineConfig
+from tokenmill.llm import LLM
+from tokenmill.models.loader import resolve_model_path
+from tokenmill.sampling import SamplingParams
+
+
+@dataclass
+class BenchResult:
+    system: str
+    scenario: str
+    requests: int
+    output_tokens: int
+    seconds: float
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.output_tokens / self.seconds if self.seconds else 0.0
+
+
+def random_prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(num)]
+
+
+def bench_tokenmill(llm: LLM, prompts: list[list[int]], output_len: int, scenario: str) -> BenchResult:
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=2))  # warm-up
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=True)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    return BenchResult("tokenmill", scenario, len(prompts), tokens, seconds)
+
+
+def bench_tokenmill_decode(llm: LLM, prompt: list[int], output_len: int) -> BenchResult:
+    """Single-stream decode speed: time after the first token, so prefill is not counted."""
+    engine = llm.engine
+    engine.add_request(
+        "decode-probe", prompt, SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    )
+    first = None
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        if first is None and outputs:
+            first = time.perf_counter()
+    seconds = time.perf_counter() - first
+    return BenchResult("tokenmill", "single-stream decode", 1, output_len - 1, seconds)
+
+
+def load_hf_model(model: str | None):
+    import transformers
+
+    path = resolve_model_path(model)
+    if path.suffix == ".gguf":
+        hf = transformers.AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32
+        )
+    else:
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    return hf.eval()
+
+
+def bench_hf(hf, prompts: list[list[int]], output_len: int, scenario: str) -> BenchResult:
+    """HF generate on the whole batch at once (prompts have equal length, so no padding)."""
+    ids = torch.tensor(prompts)
+    kwargs = dict(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        hf.generate(
+            ids[:1, :8], attention_mask=torch.ones_like(ids[:1, :8]), max_new_tokens=2, pad_token_id=0
+        )
+        start = time.perf_counter()
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+        seconds = time.perf_counter() - start
+    tokens = (out.shape[1] - ids.shape[1]) * ids.shape[0]
+    return BenchResult("hf-transformers", scenario, len(prompts), tokens, seconds)
+
+
+def bench_hf_decode(hf, prompt: list[int], output_len: int) -> BenchResult:
+    """HF single-stream decode: the difference between generating output_len and 1 token."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        start = time.perf_counter()
+        hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, pad_token_id=0)
+        one = time.perf_counter() - start
+        start = time.perf_counter()
+        hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=output_len,
+            min_new_tokens=output_len,
+            do_sample=False,
+            pad_token_id=0,
+        )
+        full = time.perf_counter() - start
+    return BenchResult("hf-transformers", "single-stream decode", 1, output_len - 1, full - one)
+
+
+def run_offline(
+    model: str | None,
+    num_prompts: int,
+    input_len: int,
+    output_len: int,
+    peers: list[str],
+    seed: int = 0,
+    threads: int | None = None,
+    out_dir: Path | None = None,
+) -> list[BenchResult]:
+    config = EngineConfig(model=model, num_threads=threads, max_num_seqs=max(64, num_prompts))
+    llm = LLM(config=config)
+    vocab = llm.engine.model_config.vocab_size
+    prompts = random_prompts(num_prompts, input_len, vocab, seed)
+    scenario = f"{num_prompts} x {input_len} in / {output_len} out"
+    results = [
+        bench_tokenmill_decode(llm, prompts[0], output_len),
+        bench_tokenmill(llm, prompts, output_len, scenario),
+    ]
+    del llm
+    gc.collect()
+    if "hf" in peers:
+        try:
+            hf = load_hf_model(model)
+        except Exception as exc:  # reported, not skipped
+            results.append(BenchResult("hf-transformers", scenario, 0, 0, 0.0, note=f"could not run: {exc}"))
+        else:
+            results.append(bench_hf_decode(hf, prompts[0], output_len))
+            results.append(bench_hf(hf, prompts, output_len, scenario))
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        payload = [asdict(r) | {"tokens_per_second": r.tokens_per_second} for r in results]
+        (out_dir / "offline.json").write_text(json.dumps(payload, indent=2))
+        (out_dir / "offline.md").write_text(markdown_table(results))
+    return results
+
+
+def markdown_table(results: list[BenchResult]) -> str:
+    lines = [
+        "| system | scenario | requests | output tokens | seconds | tok/s | note |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.system} | {r.scenario} | {r.requests} | {r.output_tokens} | {r.seconds:.2f} | "
+            f"{r.tokens_per_second:.1f} | {r.note} |"
+        )
+    return "\n".join(lines) + "\n"
