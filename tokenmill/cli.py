@@ -191,6 +191,25 @@ def cmd_bench_offline(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_roofline(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from tokenmill.bench.roofline import markdown_report, plot_roofline, run_roofline
+
+    batches = tuple(int(b) for b in args.batches.split(","))
+    result = run_roofline(args.model, args.threads, batches, args.prompt_len, args.steps)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "roofline.json").write_text(json.dumps(result, indent=2))
+    report = markdown_report(result)
+    (out / "roofline.md").write_text(report)
+    plot_roofline(result, out / "roofline.png")
+    print(report)
+    print(f"wrote {out / 'roofline.json'}, roofline.md, roofline.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenmill", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -227,6 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
     offline.add_argument("--seed", type=int, default=0)
     offline.add_argument("--out-dir", default="results")
     offline.set_defaults(func=cmd_bench_offline)
+    roofline = bench.add_parser("roofline", help="machine limits, predicted vs measured decode steps")
+    roofline.add_argument("--model", default=None)
+    roofline.add_argument("--threads", type=int, default=None)
+    roofline.add_argument("--batches", default="1,8,32,64")
+    roofline.add_argument("--prompt-len", type=int, default=128)
+    roofline.add_argument("--steps", type=int, default=8)
+    roofline.add_argument("--out-dir", default="results")
+    roofline.set_defaults(func=cmd_bench_roofline)
     demo = commands.add_parser("demo", help="a chat answer and a batch, with tokens/s")
     demo.add_argument("--batch", type=int, default=16)
     _engine_args(demo)

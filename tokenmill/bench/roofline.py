@@ -1,0 +1,347 @@
+"""The machine's limits and what they predict: bandwidth, matmul FLOP/s, and a decode step's bound.
+
+A decode step at batch B must read every weight once and each sequence's KV cache, and do about
+2 FLOPs per weight per sequence. Its time is at least max(bytes / bandwidth, FLOPs / FLOP/s);
+the batch where the two meet is where batching stops being free.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tokenmill.config import ModelConfig
+
+
+@dataclass
+class MachineLimits:
+    threads: int
+    read_gbs: float  # sustained read bandwidth, GB/s
+    triad_gbs: float  # a = b + s*c, counting 3 arrays moved
+    read_gbs_1thread: float
+    matmul_gflops: dict[int, float]  # batch rows -> fp32 GFLOP/s over the model's linear shapes
+
+    @property
+    def peak_gflops(self) -> float:
+        return max(self.matmul_gflops.values())
+
+
+def _best_time(fn, repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure_bandwidth(threads: int, megabytes: int = 512, repeats: int = 5) -> tuple[float, float]:
+    """STREAM-like read (a sum) and triad over arrays far larger than the caches. Returns GB/s."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        n = megabytes * 2**20 // 4
+        a, b, c = torch.ones(n), torch.ones(n), torch.empty(n)
+        read = n * 4 / _best_time(lambda: a.sum(), repeats) / 1e9
+        triad = 3 * n * 4 / _best_time(lambda: torch.add(a, b, alpha=2.0, out=c), repeats) / 1e9
+        return read, triad
+    finally:
+        torch.set_num_threads(previous)
+
+
+def linear_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
+    """(out, in) of every matmul one token passes through, as the engine fuses them."""
+    qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    per_layer = [
+        (qkv, cfg.hidden_size),
+        (cfg.hidden_size, cfg.num_heads * cfg.head_dim),
+        (2 * cfg.intermediate_size, cfg.hidden_size),
+        (cfg.hidden_size, cfg.intermediate_size),
+    ]
+    return per_layer * cfg.num_layers + [(cfg.vocab_size, cfg.hidden_size)]
+
+
+def measure_matmul(cfg: ModelConfig, batches: tuple[int, ...], threads: int) -> dict[int, float]:
+    """fp32 GFLOP/s of one layer's matmuls plus the LM head, at each batch size (weights cache-warm)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    shapes = linear_shapes(cfg)
+    unique = sorted(set(shapes[:4] + shapes[-1:]))
+    weights = {s: torch.randn(s) * 0.02 for s in unique}
+    results = {}
+    try:
+        for batch in batches:
+            inputs = {s: torch.randn(batch, s[1]) for s in unique}
+            flops = sum(2 * batch * o * i for o, i in unique)
+            seconds = _best_time(lambda x=inputs: [F.linear(x[s], weights[s]) for s in unique], 3)
+            results[batch] = flops / seconds / 1e9
+    finally:
+        torch.set_num_threads(previous)
+    return results
+
+
+def measure_machine(
+    cfg: ModelConfig, threads: int, batches: tuple[int, ...] = (1, 8, 32, 64, 256)
+) -> MachineLimits:
+    read, triad = measure_bandwidth(threads)
+    read_one, _ = measure_bandwidth(1)
+    return MachineLimits(threads, read, triad, read_one, measure_matmul(cfg, batches, threads))
+
+
+@dataclass
+class StepPrediction:
+    batch: int
+    context: int
+    weight_bytes: float
+    kv_bytes: float
+    flops: float
+    memory_seconds: float
+    compute_seconds: float
+
+    @property
+    def bound_seconds(self) -> float:
+        return max(self.memory_seconds, self.compute_seconds)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.batch / self.bound_seconds
+
+
+def parameter_counts(cfg: ModelConfig) -> tuple[int, int]:
+    """(parameters in matmuls per token incl. LM head, of which active per token). Dense: equal."""
+    total = sum(o * i for o, i in linear_shapes(cfg))
+    return total, total
+
+
+def predict_decode_step(
+    cfg: ModelConfig,
+    batch: int,
+    context: int,
+    bandwidth_gbs: float,
+    gflops: float,
+    bytes_per_param: float = 4.0,
+    kv_bytes_per_value: float = 4.0,
+) -> StepPrediction:
+    total, active = parameter_counts(cfg)
+    weight_bytes = total * bytes_per_param
+    kv_values = batch * context * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim
+    kv_bytes = kv_values * kv_bytes_per_value
+    attention_flops = 4 * batch * context * cfg.num_layers * cfg.num_heads * cfg.head_dim
+    flops = 2 * batch * active + attention_flops
+    return StepPrediction(
+        batch,
+        context,
+        weight_bytes,
+        kv_bytes,
+        flops,
+        (weight_bytes + kv_bytes) / (bandwidth_gbs * 1e9),
+        flops / (gflops * 1e9),
+    )
+
+
+def crossover_batch(
+    gflops: float, bandwidth_gbs: float, bytes_per_param: float = 4.0, total_over_active: float = 1.0
+) -> float:
+    """Batch where weight reads and matmul work take equal time (KV ignored):
+    (FLOP/s / bytes/s) * bytes-per-parameter / 2, times total/active parameters for MoE."""
+    return (gflops / bandwidth_gbs) * bytes_per_param / 2 * total_over_active
+
+
+def as_dict(obj) -> dict:
+    return asdict(obj)
+
+
+def measure_decode_steps(engine, batches: tuple[int, ...], prompt_len: int, steps: int) -> dict[int, float]:
+    """Mean seconds per pure-decode step at each batch size (prefill excluded), on a running engine."""
+    from tokenmill.sampling import SamplingParams
+
+    vocab = engine.model_config.vocab_size
+    results = {}
+    for batch in batches:
+        params = SamplingParams(temperature=0, max_tokens=steps + 2, ignore_eos=True)
+        for i in range(batch):
+            prompt = [(7 * i + j) % (vocab - 3) + 3 for j in range(prompt_len)]
+            engine.add_request(f"roofline-{batch}-{i}", prompt, params)
+        while (
+            any(s.num_computed_tokens < s.num_tokens - 1 for s in engine.scheduler.running)
+            or engine.scheduler.waiting
+        ):
+            engine.step()
+        engine.step()
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        results[batch] = (time.perf_counter() - start) / steps
+        while engine.has_unfinished_requests():
+            engine.step()
+    return results
+
+
+def dispatch_overhead_probe(
+    engine, batches: tuple[int, ...], prompt_len: int, steps: int
+) -> dict[int, float]:
+    """Step time of a model with the same layers and op count but tiny widths: what the host spends
+    launching operators, which neither bandwidth nor FLOP/s accounts for."""
+    import dataclasses
+
+    from tokenmill.engine.engine import LLMEngine
+    from tokenmill.models.loader import LoadedModel
+
+    cfg = engine.model_config
+    small = dataclasses.replace(
+        cfg,
+        hidden_size=32,
+        intermediate_size=32,
+        num_heads=2,
+        num_kv_heads=1 if cfg.num_kv_heads < cfg.num_heads else 2,
+        head_dim=16,
+    )
+    generator = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator) * 0.02
+
+    weights = {"model.embed_tokens.weight": rand(small.vocab_size, 32), "model.norm.weight": torch.ones(32)}
+    if not small.tie_word_embeddings:
+        weights["lm_head.weight"] = rand(small.vocab_size, 32)
+    for i in range(small.num_layers):
+        p = f"model.layers.{i}."
+        weights |= {
+            p + "input_layernorm.weight": torch.ones(32),
+            p + "post_attention_layernorm.weight": torch.ones(32),
+            p + "self_attn.q_proj.weight": rand(small.num_heads * 16, 32),
+            p + "self_attn.k_proj.weight": rand(small.num_kv_heads * 16, 32),
+            p + "self_attn.v_proj.weight": rand(small.num_kv_heads * 16, 32),
+            p + "self_attn.o_proj.weight": rand(32, small.num_heads * 16),
+            p + "mlp.gate_proj.weight": rand(32, 32),
+            p + "mlp.up_proj.weight": rand(32, 32),
+            p + "mlp.down_proj.weight": rand(32, 32),
+        }
+        if small.attention_bias:
+            for n, rows in (("q", small.num_heads), ("k", small.num_kv_heads), ("v", small.num_kv_heads)):
+                weights[p + f"self_attn.{n}_proj.bias"] = torch.zeros(rows * 16)
+        if small.qk_norm:
+            weights[p + "self_attn.q_norm.weight"] = torch.ones(16)
+            weights[p + "self_attn.k_norm.weight"] = torch.ones(16)
+    loaded = LoadedModel(small, weights, engine.tokenizer, engine.loaded.path)
+    probe = LLMEngine(
+        dataclasses.replace(
+            engine.config, num_kv_blocks=None, kv_cache_gib=0.05, enable_prefix_caching=False
+        ),
+        loaded,
+    )
+    return measure_decode_steps(probe, batches, prompt_len, steps)
+
+
+def _nearest(table: dict[int, float], batch: int) -> float:
+    return table[min(table, key=lambda b: abs(b - batch))]
+
+
+def run_roofline(
+    model: str | None,
+    threads: int | None = None,
+    batches: tuple[int, ...] = (1, 8, 32, 64),
+    prompt_len: int = 128,
+    steps: int = 8,
+) -> dict:
+    """Measure the machine, predict each decode step, measure the engine, and compare."""
+    from tokenmill.config import EngineConfig
+    from tokenmill.engine.engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig(model=model, num_threads=threads, max_num_seqs=max(batches)))
+    threads = engine.config.resolved_threads()
+    cfg = engine.model_config
+    machine = measure_machine(cfg, threads, tuple(sorted(set(batches) | {256})))
+    measured = measure_decode_steps(engine, batches, prompt_len, steps)
+    overhead = dispatch_overhead_probe(engine, batches, prompt_len, steps)
+    context = prompt_len + steps // 2 + 1
+    rows = []
+    for batch in batches:
+        peak = predict_decode_step(cfg, batch, context, machine.read_gbs, machine.peak_gflops)
+        at_batch = predict_decode_step(
+            cfg, batch, context, machine.read_gbs, _nearest(machine.matmul_gflops, batch)
+        )
+        modelled = at_batch.bound_seconds + overhead[batch]
+        rows.append(
+            {
+                "batch": batch,
+                "context": context,
+                "measured_ms": measured[batch] * 1e3,
+                "measured_tok_s": batch / measured[batch],
+                "memory_ms": peak.memory_seconds * 1e3,
+                "compute_ms_at_peak": peak.compute_seconds * 1e3,
+                "roofline_ms": peak.bound_seconds * 1e3,
+                "achieved_pct_of_roofline": 100 * peak.bound_seconds / measured[batch],
+                "compute_ms_at_batch_flops": at_batch.compute_seconds * 1e3,
+                "dispatch_overhead_ms": overhead[batch] * 1e3,
+                "modelled_ms": modelled * 1e3,
+                "model_error_pct": 100 * (modelled - measured[batch]) / measured[batch],
+                "weight_mb": peak.weight_bytes / 1e6,
+                "kv_mb": peak.kv_bytes / 1e6,
+                "gflop": peak.flops / 1e9,
+            }
+        )
+    total, active = parameter_counts(cfg)
+    return {
+        "model": cfg.name,
+        "threads": threads,
+        "machine": asdict(machine),
+        "matmul_parameters": total,
+        "crossover_batch_fp32": crossover_batch(machine.peak_gflops, machine.read_gbs, 4.0, total / active),
+        "rows": rows,
+    }
+
+
+def markdown_report(result: dict) -> str:
+    m = result["machine"]
+    flops = ", ".join(f"B={b}: {g:.0f}" for b, g in m["matmul_gflops"].items())
+    lines = [
+        f"Model {result['model']}, {result['threads']} threads. Read bandwidth {m['read_gbs']:.1f} GB/s "
+        f"({m['read_gbs_1thread']:.1f} on 1 thread), triad {m['triad_gbs']:.1f} GB/s; "
+        f"fp32 matmul GFLOP/s {flops}. "
+        f"Crossover batch (fp32 weights): {result['crossover_batch_fp32']:.0f}.",
+        "",
+        "| batch | measured ms | tok/s | memory ms | compute ms (peak) | roofline ms | achieved | "
+        "compute ms (at batch) | dispatch ms | modelled ms | model error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['batch']} | {r['measured_ms']:.1f} | {r['measured_tok_s']:.1f} | {r['memory_ms']:.1f} | "
+            f"{r['compute_ms_at_peak']:.1f} | {r['roofline_ms']:.1f} | "
+            f"{r['achieved_pct_of_roofline']:.0f}% | {r['compute_ms_at_batch_flops']:.1f} | "
+            f"{r['dispatch_overhead_ms']:.1f} | {r['modelled_ms']:.1f} | "
+            f"{r['model_error_pct']:+.0f}% |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_roofline(result: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    batches = [r["batch"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    left.plot(batches, [r["measured_ms"] for r in rows], "o-", label="measured step")
+    left.plot(batches, [r["roofline_ms"] for r in rows], "k--", label="roofline bound")
+    left.plot(batches, [r["memory_ms"] for r in rows], ":", label="bytes / bandwidth")
+    left.plot(batches, [r["compute_ms_at_peak"] for r in rows], ":", label="FLOPs / peak")
+    left.plot(batches, [r["modelled_ms"] for r in rows], "s-", alpha=0.6, label="model + dispatch")
+    left.set(xscale="log", yscale="log", xlabel="batch size", ylabel="decode step (ms)", title="Step time")
+    left.legend(fontsize=8)
+    right.plot(batches, [r["measured_tok_s"] for r in rows], "o-", label="measured")
+    right.plot(batches, [r["batch"] / r["roofline_ms"] * 1e3 for r in rows], "k--", label="roofline")
+    right.axvline(result["crossover_batch_fp32"], color="grey", lw=0.8, label="crossover batch")
+    right.set(xscale="log", yscale="log", xlabel="batch size", ylabel="tokens / s", title="Decode throughput")
+    right.legend(fontsize=8)
+    fig.suptitle(f"{result['model']} on {result['threads']} threads (fp32)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
