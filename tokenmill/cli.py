@@ -246,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     offline.add_argument("--seed", type=int, default=0)
     offline.add_argument("--out-dir", default="results")
     offline.set_defaults(func=cmd_bench_offline)
+    from tokenmill.bench.serve import add_parser as add_bench_serve
+
+    add_bench_serve(bench)
     roofline = bench.add_parser("roofline", help="machine limits, predicted vs measured decode steps")
     roofline.add_argument("--model", default=None)
     roofline.add_argument("--threads", type=int, default=None)

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import gc
 import json
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from tokenmill.bench.workloads import random_token_prompts
 from tokenmill.config import EngineConfig
 from tokenmill.llm import LLM
 from tokenmill.models.loader import resolve_model_path
@@ -34,11 +34,6 @@ class BenchResult:
     @property
     def tokens_per_second(self) -> float:
         return self.output_tokens / self.seconds if self.seconds else 0.0
-
-
-def random_prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(num)]
 
 
 def bench_tokenmill(llm: LLM, prompts: list[list[int]], output_len: int, scenario: str) -> BenchResult:
@@ -127,7 +122,7 @@ def run_offline(
     config = EngineConfig(model=model, num_threads=threads, max_num_seqs=max(64, num_prompts))
     llm = LLM(config=config)
     vocab = llm.engine.model_config.vocab_size
-    prompts = random_prompts(num_prompts, input_len, vocab, seed)
+    prompts = random_token_prompts(num_prompts, input_len, vocab, seed)
     scenario = f"{num_prompts} x {input_len} in / {output_len} out"
     results = [
         bench_tokenmill_decode(llm, prompts[0], output_len),
