@@ -34,6 +34,7 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=1024)
     parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--speculative", default=None, help="speculative decoding, e.g. ngram:k=4")
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -53,6 +54,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len,
+        speculative=args.speculative,
     )
 
 

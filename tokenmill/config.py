@@ -54,6 +54,7 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     quantization: str | None = None
+    speculative: str | None = None  # e.g. "ngram:k=4"; see engine/speculative.py
     num_threads: int | None = None
     seed: int = 0
     extra: dict = field(default_factory=dict)

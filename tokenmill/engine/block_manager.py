@@ -114,6 +114,12 @@ class BlockManager:
         for block in child.block_table:
             self.ref_counts[block] += 1
 
+    def trim(self, seq: Sequence) -> None:
+        """Give back blocks past the computed tokens (speculative slots whose guesses were rejected)."""
+        keep = self.blocks_needed(seq.num_computed_tokens)
+        while len(seq.block_table) > keep:
+            self._release(seq.block_table.pop())
+
     def free(self, seq: Sequence) -> None:
         # Tail blocks first, so a later prefix walk evicts a prompt's end before its shared start.
         for block in reversed(seq.block_table):

@@ -14,6 +14,7 @@ from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.runner import ModelRunner, kv_bytes_per_block
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.engine.sequence import Sequence
+from tokenmill.engine.speculative import NgramProposer, SpeculativeConfig
 from tokenmill.engine.stop_checker import append_text_and_check_stop
 from tokenmill.errors import InvalidParameterError, PromptTooLongError, RequestTooLargeError
 from tokenmill.layers.sampler import SamplingRow
@@ -36,6 +37,16 @@ class EngineStats:
     scheduled_tokens: int = 0
     last_batch_size: int = 0
     last_batch_tokens: int = 0
+    spec_verifications: int = 0  # sequence-steps that verified drafts
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+
+    @property
+    def spec_mean_accepted_length(self) -> float:
+        """Tokens gained per verifying sequence-step (accepted drafts + the target's own token)."""
+        if not self.spec_verifications:
+            return 0.0
+        return (self.spec_accepted_tokens + self.spec_verifications) / self.spec_verifications
 
 
 @dataclass
@@ -78,6 +89,8 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self.stats = EngineStats()
         self._seed_source = random.Random(config.seed)
+        self.speculative = SpeculativeConfig.parse(config.speculative) if config.speculative else None
+        self.proposer = NgramProposer(self.speculative) if self.speculative else None
 
     # ---- requests in -------------------------------------------------------------------------------
     def tokenize_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
@@ -167,6 +180,8 @@ class LLMEngine:
     # ---- one iteration -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, sample, and report every request that moved."""
+        if self.proposer is not None:
+            self._propose_drafts()
         batch = self.scheduler.schedule()
         if not batch.entries:
             return []
@@ -180,17 +195,54 @@ class LLMEngine:
         touched: dict[str, list[int]] = {}
         for entry in batch.entries:
             seq = entry.seq
-            seq.num_computed_tokens += entry.num_new_tokens
-            self.block_manager.cache_full_blocks(seq)
+            drafts = len(seq.draft_token_ids)
             if seq.seq_id not in results:
+                seq.num_computed_tokens += entry.num_new_tokens
+                self.block_manager.cache_full_blocks(seq)
                 continue
             request = self.requests[seq.request_id]
+            tokens = results[seq.seq_id]
+            # KV is valid for the known tokens and the accepted drafts; rejected slots are given back.
+            seq.num_computed_tokens += entry.num_new_tokens - drafts + len(tokens) - 1
+            seq.draft_token_ids = []
             if request.params.n > 1 and not request.forked:
                 self._fork(request, seq)
-            token, logprob = results[seq.seq_id]
-            self._append_token(request, seq, token, logprob, now)
+            if drafts:
+                self.block_manager.trim(seq)
+                seq.num_draft_tokens += drafts
+                seq.num_accepted_tokens += len(tokens) - 1
+                self.stats.spec_verifications += 1
+                self.stats.spec_draft_tokens += drafts
+                self.stats.spec_accepted_tokens += len(tokens) - 1
+            for token, logprob in tokens:
+                self._append_token(request, seq, token, logprob, now)
+                if seq.is_finished:
+                    break
+            if not seq.is_finished:
+                self.block_manager.cache_full_blocks(seq)
             touched.setdefault(seq.request_id, []).append(seq.index)
         return [self._output(self.requests[rid], counts) for rid, counts in touched.items()]
+
+    def _propose_drafts(self) -> None:
+        """Give decoding sequences draft tokens, while the batch is small enough to be memory-bound."""
+        running = self.scheduler.running
+        for seq in running:
+            seq.draft_token_ids = []
+        if len(running) > self.speculative.max_batch:
+            return
+        for seq in running:
+            params = seq.params
+            if (
+                seq.num_computed_tokens != seq.num_tokens - 1
+                or params.uses_penalties
+                or params.logprobs is not None
+                or seq.num_output_tokens < params.min_tokens
+            ):
+                continue
+            room = min(params.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens) - 1
+            k = min(self.speculative.k, room)
+            if k > 0:
+                seq.draft_token_ids = self.proposer.propose(seq.token_ids, k)
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
         params = seq.params

@@ -7,9 +7,11 @@ import torch
 from tokenmill.config import EngineConfig, ModelConfig
 from tokenmill.engine.scheduler import ScheduledBatch, ScheduledSequence
 from tokenmill.layers.attention import AttentionContext, PrefillSpan
-from tokenmill.layers.sampler import SamplingRow, sample
+from tokenmill.layers.sampler import SamplingRow, sample, verify_draft
 from tokenmill.models.llama import LlamaModel
 from tokenmill.sampling import TokenLogprob
+
+StepResult = list[tuple[int, TokenLogprob | None]]
 
 
 def kv_bytes_per_block(model_config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -44,23 +46,24 @@ class ModelRunner:
 
     def prepare(
         self, entries: list[ScheduledSequence]
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionContext, list[int]]:
-        """Decodes (one new token) go first so they form one padded batch; prefill spans follow."""
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionContext, list[tuple[int, int]]]:
+        """Flat inputs for the step. Decodes (one new token) go first as one padded batch; prefill chunks
+        and draft-verification spans follow. Returns each entry's row range, in `entries` order."""
         ids: list[int] = []
         positions: list[int] = []
         slots: list[torch.Tensor] = []
-        sample_rows: list[int] = []
+        rows: dict[int, tuple[int, int]] = {}
         decodes = [e for e in entries if e.num_new_tokens == 1]
         context_lens = []
         for entry in decodes:
             seq = entry.seq
             pos = seq.num_computed_tokens
+            rows[id(entry)] = (len(ids), len(ids) + 1)
             ids.append(seq.token_ids[pos])
             positions.append(pos)
             block = seq.block_table[pos // self.block_size]
             slots.append(torch.tensor([block * self.block_size + pos % self.block_size]))
             context_lens.append(pos + 1)
-            sample_rows.append(len(ids) - 1)
         ctx = AttentionContext(slot_mapping=torch.empty(0, dtype=torch.long), num_decode=len(decodes))
         if decodes:
             width = max(len(e.seq.block_table) for e in decodes)
@@ -79,36 +82,50 @@ class ModelRunner:
             seq = entry.seq
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + entry.num_new_tokens
             row = len(ids)
-            ids.extend(seq.token_ids[start:end])
+            rows[id(entry)] = (row, row + entry.num_new_tokens)
+            tokens = seq.token_ids[start:end]
+            if len(tokens) < entry.num_new_tokens:  # the span runs on into this step's draft tokens
+                tokens = tokens + seq.draft_token_ids[: entry.num_new_tokens - len(tokens)]
+            ids.extend(tokens)
             positions.extend(range(start, end))
             slots.append(self._slots(seq.block_table, start, end))
             span = PrefillSpan(row, row + entry.num_new_tokens)
             if start > 0:
                 span.gather = self._slots(seq.block_table, 0, end)
-                query_pos = torch.arange(start, end).unsqueeze(1)
-                span.mask = torch.arange(end).unsqueeze(0) <= query_pos
+                span.mask = torch.arange(end).unsqueeze(0) <= torch.arange(start, end).unsqueeze(1)
             ctx.prefills.append(span)
-            sample_rows.append(len(ids) - 1)
         ctx.slot_mapping = torch.cat(slots)
-        return torch.tensor(ids), torch.tensor(positions), ctx, sample_rows
+        return torch.tensor(ids), torch.tensor(positions), ctx, [rows[id(e)] for e in entries]
 
-    def execute(
-        self, batch: ScheduledBatch, rows: dict[int, SamplingRow]
-    ) -> dict[int, tuple[int, TokenLogprob | None]]:
-        """Run one step. rows maps seq_id -> sampling inputs for sequences that sample this step."""
+    def execute(self, batch: ScheduledBatch, rows: dict[int, SamplingRow]) -> dict[int, StepResult]:
+        """Run one step. rows maps seq_id -> sampling inputs for sequences that sample this step; a
+        sequence with draft tokens gets its drafts verified and may receive several tokens."""
         if batch.block_copies:
             self.copy_blocks(batch.block_copies)
-        decodes = [e for e in batch.entries if e.num_new_tokens == 1]
-        ordered = decodes + [e for e in batch.entries if e.num_new_tokens != 1]
-        input_ids, positions, ctx, last_rows = self.prepare(batch.entries)
-        sampled = [(e.seq.seq_id, r) for e, r in zip(ordered, last_rows, strict=True) if e.seq.seq_id in rows]
-        if not sampled:
-            self.model.forward(input_ids, positions, ctx, self.kv_cache)
-            return {}
+        input_ids, positions, ctx, ranges = self.prepare(batch.entries)
         hidden = self.model.forward(input_ids, positions, ctx, self.kv_cache)
-        logits = self.model.compute_logits(hidden[torch.tensor([r for _, r in sampled])])
-        token_ids, logprobs = sample(logits, [rows[seq_id] for seq_id, _ in sampled])
-        return {
-            seq_id: (token, logprob)
-            for (seq_id, _), token, logprob in zip(sampled, token_ids, logprobs, strict=True)
-        }
+        wanted = [(e.seq, r) for e, r in zip(batch.entries, ranges, strict=True) if e.seq.seq_id in rows]
+        if not wanted:
+            return {}
+        picked: list[int] = []
+        for seq, (start, end) in wanted:
+            picked.extend(range(start, end) if seq.draft_token_ids else [end - 1])
+        logits = self.model.compute_logits(hidden[torch.tensor(picked)])
+        plain = [seq for seq, _ in wanted if not seq.draft_token_ids]
+        results: dict[int, StepResult] = {}
+        offset = 0
+        plain_rows = []
+        for seq, _ in wanted:
+            if seq.draft_token_ids:
+                count = len(seq.draft_token_ids) + 1
+                tokens = verify_draft(logits[offset : offset + count], seq.draft_token_ids, rows[seq.seq_id])
+                results[seq.seq_id] = [(t, None) for t in tokens]
+                offset += count
+            else:
+                plain_rows.append(offset)
+                offset += 1
+        if plain:
+            token_ids, logprobs = sample(logits[torch.tensor(plain_rows)], [rows[s.seq_id] for s in plain])
+            for seq, token, logprob in zip(plain, token_ids, logprobs, strict=True):
+                results[seq.seq_id] = [(token, logprob)]
+        return results

@@ -22,8 +22,9 @@ class ScheduledSequence:
 
     @property
     def completes_known_tokens(self) -> bool:
-        """True when this chunk reaches the sequence's last token, so the step samples a new one."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        """True when this chunk reaches the sequence's last token (and any drafts after it), so the step
+        samples a new one."""
+        return self.seq.num_computed_tokens + self.num_new_tokens >= self.seq.num_tokens
 
 
 @dataclass(slots=True)
@@ -74,8 +75,14 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            known = seq.num_tokens - seq.num_computed_tokens
+            num_new = min(known + len(seq.draft_token_ids), budget)
+            del seq.draft_token_ids[max(0, num_new - known) :]  # drafts beyond the budget are dropped
             copies = self.block_manager.allocate_slots(seq, num_new)
+            if copies is None and seq.draft_token_ids:  # drop guesses before preempting anyone
+                seq.draft_token_ids.clear()
+                num_new = min(known, budget)
+                copies = self.block_manager.allocate_slots(seq, num_new)
             while copies is None:
                 victim = self.running[-1]
                 self._preempt(victim)

@@ -37,6 +37,9 @@ class Sequence:
     num_cached_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)
+    draft_token_ids: list[int] = field(default_factory=list)
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     output_text: str = ""
@@ -75,5 +78,6 @@ class Sequence:
         self.num_computed_tokens = 0
         self.block_table = []
         self.block_hashes = []
+        self.draft_token_ids = []
         self.status = SequenceStatus.WAITING
         self.num_preemptions += 1

@@ -52,6 +52,42 @@ def _truncate(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     return torch.empty_like(logits).scatter_(1, order, ordered)
 
 
+def _sample_from(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    noise = torch.empty_like(probs).exponential_(generator=generator)
+    return int((probs / noise).argmax())
+
+
+def verify_draft(logits: torch.Tensor, draft: list[int], row: SamplingRow) -> list[int]:
+    """Check k draft tokens against the target's k+1 distributions; returns accepted drafts + one more.
+
+    Greedy keeps drafts while they equal the target's argmax. Sampling uses the rejection rule for a
+    deterministic proposal: keep draft d with probability p(d); on rejection draw from p with d removed.
+    Either way the output follows the target's own distribution exactly.
+    """
+    if row.params.greedy:
+        targets = logits.argmax(dim=-1).tolist()
+        accepted = []
+        for i, token in enumerate(draft):
+            if targets[i] != token:
+                return accepted + [targets[i]]
+            accepted.append(token)
+        return accepted + [targets[len(draft)]]
+    params = row.params
+    scaled = logits / params.temperature
+    if params.top_k > 0 or params.top_p < 1.0 or params.min_p > 0.0:
+        scaled = _truncate(scaled, [row] * scaled.shape[0])
+    probs = scaled.softmax(dim=-1)
+    accepted = []
+    for i, token in enumerate(draft):
+        if torch.rand(1, generator=row.generator).item() < probs[i, token].item():
+            accepted.append(token)
+            continue
+        residual = probs[i].clone()
+        residual[token] = 0.0
+        return accepted + [_sample_from(residual / residual.sum(), row.generator)]
+    return accepted + [_sample_from(probs[len(draft)], row.generator)]
+
+
 def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits: [N, V] raw model output, one row per entry of rows. Returns chosen ids and logprobs."""
     wants_logprobs = [r.params.logprobs is not None for r in rows]
