@@ -26,6 +26,8 @@ class RequestMetrics:
     finished_time: float | None = None
     num_cached_tokens: int = 0
     num_preemptions: int = 0
+    spec_draft_tokens: int = 0  # speculative guesses checked for this request
+    spec_accepted_tokens: int = 0  # of which the target agreed with
 
     @property
     def ttft(self) -> float | None:

@@ -305,6 +305,8 @@ class LLMEngine:
             else None,
             num_cached_tokens=first.num_cached_tokens,
             num_preemptions=sum(s.num_preemptions for s in request.seqs),
+            spec_draft_tokens=sum(s.num_draft_tokens for s in request.seqs),
+            spec_accepted_tokens=sum(s.num_accepted_tokens for s in request.seqs),
         )
         return RequestOutput(
             request.request_id, request.prompt, request.prompt_token_ids, outputs, finished, metrics, counts

@@ -41,11 +41,18 @@ class ServerMetrics:
         self.ttft = histogram("time_to_first_token_seconds", "Arrival to first token.", _LATENCY_BUCKETS)
         self.itl = histogram("inter_token_latency_seconds", "Gap between streamed tokens.", _LATENCY_BUCKETS)
         self.e2e = histogram("e2e_request_latency_seconds", "Arrival to finish.", _LATENCY_BUCKETS)
+        self.spec_draft_tokens = counter("spec_decode_num_draft_tokens", "Speculative tokens proposed.")
+        self.spec_accepted_tokens = counter("spec_decode_num_accepted_tokens", "Speculative tokens accepted.")
+        self.spec_mean_length = gauge(
+            "spec_decode_mean_accepted_length", "Tokens per verifying sequence-step (accepted + 1)."
+        )
         self.batch_size = histogram("step_batch_size", "Sequences per engine step.", _BATCH_BUCKETS)
         self.step_tokens = histogram("step_num_tokens", "Tokens computed per engine step.", _BATCH_BUCKETS)
         self.model_name = model_name
         self._seen_prompt = 0
         self._seen_generated = 0
+        self._seen_drafts = 0
+        self._seen_accepted = 0
 
     def on_step(self, engine: LLMEngine) -> None:
         """Called by the engine thread after every step."""
@@ -55,6 +62,10 @@ class ServerMetrics:
         self.prompt_tokens.inc(stats.prompt_tokens - self._seen_prompt)
         self.generation_tokens.inc(stats.generation_tokens - self._seen_generated)
         self._seen_prompt, self._seen_generated = stats.prompt_tokens, stats.generation_tokens
+        self.spec_draft_tokens.inc(stats.spec_draft_tokens - self._seen_drafts)
+        self.spec_accepted_tokens.inc(stats.spec_accepted_tokens - self._seen_accepted)
+        self._seen_drafts, self._seen_accepted = stats.spec_draft_tokens, stats.spec_accepted_tokens
+        self.spec_mean_length.set(stats.spec_mean_accepted_length)
 
     def refresh_gauges(self, engine: LLMEngine) -> None:
         """Read the engine's current state (plain integer reads, safe from another thread)."""
