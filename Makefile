@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test bench-test lint
 
 setup: $(VENV)/.installed
 
@@ -19,6 +19,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+bench-test: setup
+	$(PY) -m pip install --quiet -e ".[bench]"
+	$(PY) -m pytest -q -m bench
 
 lint: setup
 	$(VENV)/bin/ruff check tokenmill tests

@@ -212,6 +212,22 @@ def cmd_bench_roofline(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_speculative(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from tokenmill.bench.speculative import markdown_report, run_speculative_bench
+
+    result = run_speculative_bench(args.model, args.speculative or "ngram:k=4", args.output_len, args.threads)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "speculative.json").write_text(json.dumps(result, indent=2))
+    report = markdown_report(result)
+    (out / "speculative.md").write_text(report)
+    print(report)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenmill", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -244,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     offline.add_argument("--num-prompts", type=int, default=64)
     offline.add_argument("--input-len", type=int, default=128)
     offline.add_argument("--output-len", type=int, default=128)
-    offline.add_argument("--peers", default="hf", help="comma list: hf (or empty)")
+    offline.add_argument("--peers", default="hf,llamacpp", help="comma list of hf, llamacpp (or empty)")
     offline.add_argument("--seed", type=int, default=0)
     offline.add_argument("--out-dir", default="results")
     offline.set_defaults(func=cmd_bench_offline)
@@ -259,6 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
     roofline.add_argument("--steps", type=int, default=8)
     roofline.add_argument("--out-dir", default="results")
     roofline.set_defaults(func=cmd_bench_roofline)
+    spec = bench.add_parser("speculative", help="plain vs speculative single-stream decode, same run")
+    spec.add_argument("--model", default=None)
+    spec.add_argument("--threads", type=int, default=None)
+    spec.add_argument("--speculative", default="ngram:k=4")
+    spec.add_argument("--output-len", type=int, default=128)
+    spec.add_argument("--out-dir", default="results")
+    spec.set_defaults(func=cmd_bench_speculative)
     demo = commands.add_parser("demo", help="a chat answer and a batch, with tokens/s")
     demo.add_argument("--batch", type=int, default=16)
     _engine_args(demo)

@@ -138,11 +138,37 @@ def run_offline(
         else:
             results.append(bench_hf_decode(hf, prompts[0], output_len))
             results.append(bench_hf(hf, prompts, output_len, scenario))
+    if "llamacpp" in peers:
+        results.extend(
+            _llamacpp_results(model, prompts, output_len, threads or torch.get_num_threads(), scenario)
+        )
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         payload = [asdict(r) | {"tokens_per_second": r.tokens_per_second} for r in results]
         (out_dir / "offline.json").write_text(json.dumps(payload, indent=2))
         (out_dir / "offline.md").write_text(markdown_table(results))
+    return results
+
+
+def _llamacpp_results(
+    model: str | None, prompts: list[list[int]], output_len: int, threads: int, scenario: str
+) -> list[BenchResult]:
+    """llama.cpp's own server on the same GGUF: single stream, then 8 and 64 parallel slots."""
+    from tokenmill.bench.llamacpp_peer import bench_llamacpp, bench_llamacpp_decode, llamacpp_available
+
+    name = "llama.cpp (llama-server)"
+    path = resolve_model_path(model)
+    ok, reason = llamacpp_available()
+    if not ok or path.suffix != ".gguf":
+        why = reason if not ok else "llama.cpp needs a GGUF model"
+        return [BenchResult(name, scenario, 0, 0, 0.0, note=f"could not run: {why}")]
+    results = []
+    try:
+        results.append(bench_llamacpp_decode(str(path), prompts[0], output_len, threads))
+        for slots in sorted({8, len(prompts)}):
+            results.append(bench_llamacpp(str(path), prompts, output_len, threads, slots, scenario))
+    except Exception as exc:  # reported, not skipped
+        results.append(BenchResult(name, scenario, 0, 0, 0.0, note=f"failed: {exc}"))
     return results
 
 

@@ -1,0 +1,114 @@
+"""Speculative decoding benchmark: plain vs speculative single-stream decode, same engine, same run."""
+
+from __future__ import annotations
+
+import json
+import time
+from importlib import resources
+
+from tokenmill.config import EngineConfig
+from tokenmill.engine.engine import LLMEngine
+from tokenmill.models.loader import load_model
+from tokenmill.sampling import SamplingParams
+
+
+def shipped_prompts() -> dict:
+    """The prompt file shipped with tokenmill: input-grounded tasks and general chat questions."""
+    return json.loads(resources.files("tokenmill.bench").joinpath("data/prompts.json").read_text())
+
+
+def grounded_messages() -> list[list[dict]]:
+    return [
+        [{"role": "user", "content": f"{item['instruction']}\n\n{item['passage']}"}]
+        for item in shipped_prompts()["grounded"]
+    ]
+
+
+def chat_messages() -> list[list[dict]]:
+    return [[{"role": "user", "content": q}] for q in shipped_prompts()["chat"]]
+
+
+def _decode_rate(engine: LLMEngine, prompt: str, max_tokens: int) -> tuple[float, list[int]]:
+    """Tokens per second after the first token (prefill excluded), greedy, one request alone."""
+    engine.add_request(
+        f"spec-bench-{time.monotonic_ns()}", prompt, SamplingParams(temperature=0, max_tokens=max_tokens)
+    )
+    first, tokens, final = None, 0, None
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if first is None:
+                first = time.perf_counter()
+                start_tokens = output.num_output_tokens
+            tokens = output.num_output_tokens
+            final = output
+    seconds = time.perf_counter() - first
+    return (tokens - start_tokens) / seconds if seconds > 0 else 0.0, final.outputs[0].token_ids
+
+
+def run_speculative_bench(
+    model: str | None, speculative: str, max_tokens: int = 128, threads: int | None = None
+) -> dict:
+    loaded = load_model(model)
+    plain = LLMEngine(EngineConfig(model=model, num_threads=threads), loaded)
+    fast = LLMEngine(EngineConfig(model=model, num_threads=threads, speculative=speculative), loaded)
+    rows = []
+    for task, conversations in (("input-grounded", grounded_messages()), ("chat", chat_messages())):
+        for messages in conversations:
+            prompt = plain.tokenizer.apply_chat_template(messages)
+            before = (
+                fast.stats.spec_verifications,
+                fast.stats.spec_accepted_tokens,
+                fast.stats.spec_draft_tokens,
+            )
+            plain_rate, plain_ids = _decode_rate(plain, prompt, max_tokens)
+            fast_rate, fast_ids = _decode_rate(fast, prompt, max_tokens)
+            verifications = fast.stats.spec_verifications - before[0]
+            accepted = fast.stats.spec_accepted_tokens - before[1]
+            drafts = fast.stats.spec_draft_tokens - before[2]
+            rows.append(
+                {
+                    "task": task,
+                    "prompt": messages[0]["content"][:60],
+                    "plain_tok_s": plain_rate,
+                    "speculative_tok_s": fast_rate,
+                    "speedup": fast_rate / plain_rate if plain_rate else 0.0,
+                    "mean_accepted_length": (accepted + verifications) / verifications
+                    if verifications
+                    else 1.0,
+                    "acceptance_rate": accepted / drafts if drafts else 0.0,
+                    "identical_output": plain_ids == fast_ids,
+                }
+            )
+    summary = {}
+    for task in ("input-grounded", "chat"):
+        picked = [r for r in rows if r["task"] == task]
+        plain_total = sum(r["plain_tok_s"] for r in picked) / len(picked)
+        fast_total = sum(r["speculative_tok_s"] for r in picked) / len(picked)
+        summary[task] = {
+            "plain_tok_s": plain_total,
+            "speculative_tok_s": fast_total,
+            "speedup": fast_total / plain_total,
+        }
+    return {"speculative": speculative, "max_tokens": max_tokens, "rows": rows, "summary": summary}
+
+
+def markdown_report(result: dict) -> str:
+    lines = [
+        f"Speculative: `{result['speculative']}`, greedy, {result['max_tokens']} new tokens, single stream.",
+        "",
+        "| task | prompt | plain tok/s | speculative tok/s | speedup | mean accepted length | acceptance "
+        "| same output |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['task']} | {r['prompt']}… | {r['plain_tok_s']:.1f} | {r['speculative_tok_s']:.1f} | "
+            f"{r['speedup']:.2f}x | {r['mean_accepted_length']:.2f} | {r['acceptance_rate']:.0%} | "
+            f"{'yes' if r['identical_output'] else 'NO'} |"
+        )
+    lines.append("")
+    for task, s in result["summary"].items():
+        lines.append(
+            f"- {task}: {s['plain_tok_s']:.1f} -> {s['speculative_tok_s']:.1f} tok/s ({s['speedup']:.2f}x)"
+        )
+    return "\n".join(lines) + "\n"
