@@ -15,7 +15,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
 
 
 def test_ngram_proposer_continues_the_latest_match():
-    proposer = NgramProposer(SpeculativeConfig("ngram", k=3, max_ngram=2))
+    proposer = NgramProposer(SpeculativeConfig("ngram", k=3, max_ngram=2, min_ngram=1))
     assert proposer.propose([1, 2, 3, 4, 9, 1, 2, 7, 8, 1, 2], 3) == [7, 8, 1]
     assert proposer.propose([5, 6, 7], 3) == []
     assert proposer.propose([4, 4], 2) == [4]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from tokenmill.config import EngineConfig, ModelConfig
-from tokenmill.engine.scheduler import ScheduledBatch, ScheduledSequence
+from tokenmill.engine.batch import ScheduledBatch, ScheduledSequence
 from tokenmill.layers.attention import AttentionContext, PrefillSpan
 from tokenmill.layers.sampler import SamplingRow, sample, verify_draft
 from tokenmill.models.llama import LlamaModel

@@ -19,8 +19,10 @@ DEFAULT_CROSSOVER_TOKENS = 7
 class SpeculativeConfig:
     method: str
     k: int = 4
-    max_ngram: int = 3
-    min_ngram: int = 1
+    # Matching on 2-4 tokens, not 1: single-token matches guess badly in free chat (measured with
+    # `tokenmill bench speculative`: chat 1.20x -> 1.30x, input-grounded 2.61x -> 2.55x).
+    max_ngram: int = 4
+    min_ngram: int = 2
     crossover_tokens: int = DEFAULT_CROSSOVER_TOKENS
 
     @property
