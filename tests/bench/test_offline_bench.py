@@ -25,6 +25,8 @@ def test_offline_bench_runs_tokenmill_and_hf_side_by_side(tiny_models, tmp_path)
         "8",
         "--peers",
         "hf,llamacpp",
+        "--workloads",
+        "random,shared-prefix,chat",
         "--out-dir",
         str(tmp_path),
         "--threads",
@@ -32,9 +34,12 @@ def test_offline_bench_runs_tokenmill_and_hf_side_by_side(tiny_models, tmp_path)
     )
     assert result.returncode == 0, result.stderr
     rows = json.loads((tmp_path / "offline.json").read_text())
-    by_system = {(r["system"], r["scenario"]): r for r in rows}
-    assert by_system[("tokenmill", "4 x 16 in / 8 out")]["output_tokens"] == 32
-    assert by_system[("hf-transformers", "4 x 16 in / 8 out")]["output_tokens"] == 32
+    by_system = {(r["system"], r["scenario"].split(":")[0]): r for r in rows}
+    for workload in ("random", "shared-prefix", "chat"):
+        for system in ("tokenmill", "hf-transformers"):
+            assert by_system[(system, workload)]["output_tokens"] == 32, (system, workload)
+    assert by_system[("tokenmill", "random")]["scenario"] == "random: 4 x 16 in / 8 out"
+    assert by_system[("tokenmill", "shared-prefix")]["scenario"] == "shared-prefix: 4 x 48 in / 8 out"
     # llama.cpp cannot run a safetensors folder: reported with the reason, not silently left out.
     llamacpp = [r for r in rows if r["system"].startswith("llama.cpp")]
     assert llamacpp and llamacpp[0]["note"].startswith("could not run")

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from tokenmill.bench.workloads import random_token_prompts
+from tokenmill.bench.workloads import chat_prompts, random_token_prompts, shared_prefix_prompts
 from tokenmill.config import EngineConfig
+from tokenmill.errors import InvalidParameterError
 from tokenmill.llm import LLM
 from tokenmill.models.loader import resolve_model_path
 from tokenmill.sampling import SamplingParams
@@ -75,15 +76,18 @@ def load_hf_model(model: str | None):
 
 
 def bench_hf(hf, prompts: list[list[int]], output_len: int, scenario: str) -> BenchResult:
-    """HF generate on the whole batch at once (prompts have equal length, so no padding)."""
-    ids = torch.tensor(prompts)
+    """HF generate on the whole batch at once; ragged prompts are left-padded with an attention mask."""
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(prompt)
+        mask[row, width - len(prompt) :] = 1
     kwargs = dict(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False, pad_token_id=0)
     with torch.no_grad():
-        hf.generate(
-            ids[:1, :8], attention_mask=torch.ones_like(ids[:1, :8]), max_new_tokens=2, pad_token_id=0
-        )
+        hf.generate(ids[:1, -8:], attention_mask=mask[:1, -8:], max_new_tokens=2, pad_token_id=0)
         start = time.perf_counter()
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+        out = hf.generate(ids, attention_mask=mask, **kwargs)
         seconds = time.perf_counter() - start
     tokens = (out.shape[1] - ids.shape[1]) * ids.shape[0]
     return BenchResult("hf-transformers", scenario, len(prompts), tokens, seconds)
@@ -118,30 +122,36 @@ def run_offline(
     seed: int = 0,
     threads: int | None = None,
     out_dir: Path | None = None,
+    workloads: tuple[str, ...] = ("random",),
 ) -> list[BenchResult]:
+    """Each workload through tokenmill, then through each peer; single-stream decode once per system."""
     config = EngineConfig(model=model, num_threads=threads, max_num_seqs=max(64, num_prompts))
     llm = LLM(config=config)
-    vocab = llm.engine.model_config.vocab_size
-    prompts = random_token_prompts(num_prompts, input_len, vocab, seed)
-    scenario = f"{num_prompts} x {input_len} in / {output_len} out"
-    results = [
-        bench_tokenmill_decode(llm, prompts[0], output_len),
-        bench_tokenmill(llm, prompts, output_len, scenario),
-    ]
+    sets = build_workloads(
+        llm.tokenizer, llm.engine.model_config.vocab_size, workloads, num_prompts, input_len, seed
+    )
+    first_prompt = next(iter(sets.values()))[0]
+    results = [bench_tokenmill_decode(llm, first_prompt, output_len)]
+    for name, prompts in sets.items():
+        results.append(bench_tokenmill(llm, prompts, output_len, _scenario(name, prompts, output_len)))
     del llm
     gc.collect()
     if "hf" in peers:
         try:
             hf = load_hf_model(model)
         except Exception as exc:  # reported, not skipped
-            results.append(BenchResult("hf-transformers", scenario, 0, 0, 0.0, note=f"could not run: {exc}"))
+            results.append(BenchResult("hf-transformers", "all", 0, 0, 0.0, note=f"could not run: {exc}"))
         else:
-            results.append(bench_hf_decode(hf, prompts[0], output_len))
-            results.append(bench_hf(hf, prompts, output_len, scenario))
+            results.append(bench_hf_decode(hf, first_prompt, output_len))
+            for name, prompts in sets.items():
+                results.append(bench_hf(hf, prompts, output_len, _scenario(name, prompts, output_len)))
     if "llamacpp" in peers:
-        results.extend(
-            _llamacpp_results(model, prompts, output_len, threads or torch.get_num_threads(), scenario)
-        )
+        threads = threads or torch.get_num_threads()
+        for index, (name, prompts) in enumerate(sets.items()):
+            scenario = _scenario(name, prompts, output_len)
+            results.extend(
+                _llamacpp_results(model, prompts, output_len, threads, scenario, single=index == 0)
+            )
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         payload = [asdict(r) | {"tokens_per_second": r.tokens_per_second} for r in results]
@@ -150,8 +160,37 @@ def run_offline(
     return results
 
 
+def build_workloads(
+    tokenizer, vocab: int, names: tuple[str, ...], num: int, input_len: int, seed: int
+) -> dict[str, list[list[int]]]:
+    """random: num x input_len random ids; shared-prefix: groups of 8 behind one input_len-token prefix,
+    plus 32 unique tokens each; chat: the shipped conversations, chat-templated."""
+    makers = {
+        "random": lambda: random_token_prompts(num, input_len, vocab, seed),
+        "shared-prefix": lambda: shared_prefix_prompts(num, input_len, 32, 8, vocab, seed),
+        "chat": lambda: chat_prompts(tokenizer, num),
+    }
+    unknown = [n for n in names if n not in makers]
+    if unknown:
+        raise InvalidParameterError(
+            f"unknown workloads {unknown}; choose from {', '.join(makers)}", "workloads"
+        )
+    return {name: makers[name]() for name in names}
+
+
+def _scenario(name: str, prompts: list[list[int]], output_len: int) -> str:
+    lengths = [len(p) for p in prompts]
+    span = f"{min(lengths)}" if min(lengths) == max(lengths) else f"{min(lengths)}-{max(lengths)}"
+    return f"{name}: {len(prompts)} x {span} in / {output_len} out"
+
+
 def _llamacpp_results(
-    model: str | None, prompts: list[list[int]], output_len: int, threads: int, scenario: str
+    model: str | None,
+    prompts: list[list[int]],
+    output_len: int,
+    threads: int,
+    scenario: str,
+    single: bool = True,
 ) -> list[BenchResult]:
     """llama.cpp's own server on the same GGUF: single stream, then 8 and 64 parallel slots."""
     from tokenmill.bench.llamacpp_peer import bench_llamacpp, bench_llamacpp_decode, llamacpp_available
@@ -164,8 +203,9 @@ def _llamacpp_results(
         return [BenchResult(name, scenario, 0, 0, 0.0, note=f"could not run: {why}")]
     results = []
     try:
-        results.append(bench_llamacpp_decode(str(path), prompts[0], output_len, threads))
-        for slots in sorted({8, len(prompts)}):
+        if single:
+            results.append(bench_llamacpp_decode(str(path), prompts[0], output_len, threads))
+        for slots in sorted({8, len(prompts)} if single else {len(prompts)}):
             results.append(bench_llamacpp(str(path), prompts, output_len, threads, slots, scenario))
     except Exception as exc:  # reported, not skipped
         results.append(BenchResult(name, scenario, 0, 0, 0.0, note=f"failed: {exc}"))

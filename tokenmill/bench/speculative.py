@@ -2,30 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import time
-from importlib import resources
 
+from tokenmill.bench.workloads import chat_messages, grounded_messages
 from tokenmill.config import EngineConfig
 from tokenmill.engine.engine import LLMEngine
 from tokenmill.models.loader import load_model
 from tokenmill.sampling import SamplingParams
-
-
-def shipped_prompts() -> dict:
-    """The prompt file shipped with tokenmill: input-grounded tasks and general chat questions."""
-    return json.loads(resources.files("tokenmill.bench").joinpath("data/prompts.json").read_text())
-
-
-def grounded_messages() -> list[list[dict]]:
-    return [
-        [{"role": "user", "content": f"{item['instruction']}\n\n{item['passage']}"}]
-        for item in shipped_prompts()["grounded"]
-    ]
-
-
-def chat_messages() -> list[list[dict]]:
-    return [[{"role": "user", "content": q}] for q in shipped_prompts()["chat"]]
 
 
 def _decode_rate(engine: LLMEngine, prompt: str, max_tokens: int) -> tuple[float, list[int]]:
