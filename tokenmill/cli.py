@@ -127,12 +127,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": question}])
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     start = time.perf_counter()
-    produced = 0
     for piece in stream_text(engine, prompt, params):
-        produced += 1
         print(piece, end="", flush=True)
     elapsed = time.perf_counter() - start
-    print(f"\n\n[single stream: {engine.stats.generation_tokens} tokens total so far, {elapsed:.1f}s]")
+    tokens = engine.stats.generation_tokens
+    rate = tokens / elapsed
+    print(f"\n\n[single stream: {tokens} tokens in {elapsed:.1f}s = {rate:.1f} tok/s, prefill included]")
     conversations = [
         [{"role": "user", "content": p}] for p in DEMO_PROMPTS * (args.batch // len(DEMO_PROMPTS))
     ]

@@ -16,9 +16,11 @@ import torch
 
 from tokenmill.bench.workloads import chat_prompts, random_token_prompts, shared_prefix_prompts
 from tokenmill.config import EngineConfig
+from tokenmill.engine.engine import LLMEngine
 from tokenmill.errors import InvalidParameterError
 from tokenmill.llm import LLM
 from tokenmill.models.loader import resolve_model_path
+from tokenmill.outputs import RequestOutput
 from tokenmill.sampling import SamplingParams
 
 
@@ -47,19 +49,26 @@ def bench_tokenmill(llm: LLM, prompts: list[list[int]], output_len: int, scenari
     return BenchResult("tokenmill", scenario, len(prompts), tokens, seconds)
 
 
-def bench_tokenmill_decode(llm: LLM, prompt: list[int], output_len: int) -> BenchResult:
-    """Single-stream decode speed: time after the first token, so prefill is not counted."""
-    engine = llm.engine
-    engine.add_request(
-        "decode-probe", prompt, SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
-    )
-    first = None
+def single_stream_decode(
+    engine: LLMEngine, prompt: str | list[int], params: SamplingParams
+) -> tuple[int, float, RequestOutput]:
+    """Run one request alone; returns (tokens after the first, seconds after the first token, output),
+    so prefill is not counted. Speculative steps may add several tokens at once: tokens are counted."""
+    engine.add_request(f"decode-probe-{time.monotonic_ns()}", prompt, params)
+    first, first_tokens, final = None, 0, None
     while engine.has_unfinished_requests():
-        outputs = engine.step()
-        if first is None and outputs:
-            first = time.perf_counter()
-    seconds = time.perf_counter() - first
-    return BenchResult("tokenmill", "single-stream decode", 1, output_len - 1, seconds)
+        for output in engine.step():
+            if first is None:
+                first, first_tokens = time.perf_counter(), output.num_output_tokens
+            final = output
+    return final.num_output_tokens - first_tokens, time.perf_counter() - first, final
+
+
+def bench_tokenmill_decode(llm: LLM, prompt: list[int], output_len: int) -> BenchResult:
+    """Single-stream decode speed, greedy, ignore_eos."""
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    tokens, seconds, _ = single_stream_decode(llm.engine, prompt, params)
+    return BenchResult("tokenmill", "single-stream decode", 1, tokens, seconds)
 
 
 def load_hf_model(model: str | None):

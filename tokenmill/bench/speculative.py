@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import time
-
+from tokenmill.bench.offline import single_stream_decode
 from tokenmill.bench.workloads import chat_messages, grounded_messages
 from tokenmill.config import EngineConfig
 from tokenmill.engine.engine import LLMEngine
@@ -12,20 +11,11 @@ from tokenmill.sampling import SamplingParams
 
 
 def _decode_rate(engine: LLMEngine, prompt: str, max_tokens: int) -> tuple[float, list[int]]:
-    """Tokens per second after the first token (prefill excluded), greedy, one request alone."""
-    engine.add_request(
-        f"spec-bench-{time.monotonic_ns()}", prompt, SamplingParams(temperature=0, max_tokens=max_tokens)
+    """Greedy single-stream tokens/s after the first token, and the output ids."""
+    tokens, seconds, output = single_stream_decode(
+        engine, prompt, SamplingParams(temperature=0, max_tokens=max_tokens)
     )
-    first, tokens, final = None, 0, None
-    while engine.has_unfinished_requests():
-        for output in engine.step():
-            if first is None:
-                first = time.perf_counter()
-                start_tokens = output.num_output_tokens
-            tokens = output.num_output_tokens
-            final = output
-    seconds = time.perf_counter() - first
-    return (tokens - start_tokens) / seconds if seconds > 0 else 0.0, final.outputs[0].token_ids
+    return tokens / seconds if seconds > 0 else 0.0, output.outputs[0].token_ids
 
 
 def run_speculative_bench(
