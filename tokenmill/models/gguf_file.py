@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 from gguf.quants import dequantize
+from tqdm.auto import tqdm
 
 from tokenmill.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from tokenmill.errors import ModelLoadError, UnsupportedArchitectureError
@@ -119,7 +120,8 @@ def load_gguf(path: Path, dtype: torch.dtype) -> tuple[ModelConfig, dict[str, to
     meta = _metadata(reader)
     config = _config_from_metadata(meta, path)
     tensors: dict[str, torch.Tensor] = {}
-    for tensor in reader.tensors:
+    progress = tqdm(reader.tensors, desc=f"loading {path.name}", unit="tensor", disable=None, leave=False)
+    for tensor in progress:
         name = _hf_name(tensor.name)
         if name is None:
             continue

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from tqdm.auto import tqdm
 
 from tokenmill.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from tokenmill.errors import ModelLoadError, UnsupportedArchitectureError
@@ -124,7 +125,7 @@ def _load_hf_folder(path: Path, dtype: torch.dtype) -> tuple[ModelConfig, dict[s
     if not files:
         raise ModelLoadError(f"{path} has no *.safetensors weight files")
     weights: dict[str, torch.Tensor] = {}
-    for file in files:
+    for file in tqdm(files, desc=f"loading {path.name}", unit="file", disable=None, leave=False):
         try:
             with safe_open(str(file), framework="pt") as handle:
                 for name in handle.keys():
