@@ -189,6 +189,7 @@ def cmd_bench_offline(args: argparse.Namespace) -> int:
         threads=args.threads,
         out_dir=Path(args.out_dir),
         workloads=tuple(w for w in args.workloads.split(",") if w),
+        speculative=args.speculative,
     )
     print(markdown_table(results))
     return 0
@@ -264,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     offline.add_argument("--peers", default="hf,llamacpp", help="comma list of hf, llamacpp (or empty)")
     offline.add_argument("--seed", type=int, default=0)
     offline.add_argument("--workloads", default="random", help="comma list of random, shared-prefix, chat")
+    offline.add_argument("--speculative", default=None, help="run tokenmill with e.g. ngram:k=4")
     offline.add_argument("--out-dir", default="results")
     offline.set_defaults(func=cmd_bench_offline)
     from tokenmill.bench.serve import add_parser as add_bench_serve

@@ -132,9 +132,12 @@ def run_offline(
     threads: int | None = None,
     out_dir: Path | None = None,
     workloads: tuple[str, ...] = ("random",),
+    speculative: str | None = None,
 ) -> list[BenchResult]:
     """Each workload through tokenmill, then through each peer; single-stream decode once per system."""
-    config = EngineConfig(model=model, num_threads=threads, max_num_seqs=max(64, num_prompts))
+    config = EngineConfig(
+        model=model, num_threads=threads, max_num_seqs=max(64, num_prompts), speculative=speculative
+    )
     llm = LLM(config=config)
     sets = build_workloads(
         llm.tokenizer, llm.engine.model_config.vocab_size, workloads, num_prompts, input_len, seed
@@ -143,6 +146,9 @@ def run_offline(
     results = [bench_tokenmill_decode(llm, first_prompt, output_len)]
     for name, prompts in sets.items():
         results.append(bench_tokenmill(llm, prompts, output_len, _scenario(name, prompts, output_len)))
+    if speculative:
+        for result in results:
+            result.system = f"tokenmill (speculative {speculative})"
     del llm
     gc.collect()
     if "hf" in peers:
