@@ -53,7 +53,6 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
-    quantization: str | None = None
     speculative: str | None = None  # e.g. "ngram:k=4"; see engine/speculative.py
     num_threads: int | None = None
     seed: int = 0
@@ -63,10 +62,6 @@ class EngineConfig:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise InvalidParameterError(
                 f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}", "dtype"
-            )
-        if self.quantization is not None:
-            raise InvalidParameterError(
-                f"quantization {self.quantization!r} is not supported yet (only None)", "quantization"
             )
         if self.block_size not in (8, 16, 32, 64, 128):
             raise InvalidParameterError(

@@ -76,7 +76,7 @@ class LLMEngine:
         model_max = self.model_config.max_position_embeddings
         self.max_model_len = min(config.max_model_len or model_max, model_max)
         self.model = model_class(self.model_config)(
-            self.model_config, self.loaded.weights, self.max_model_len, config.quantization
+            self.model_config, self.loaded.weights, self.max_model_len
         )
         per_block = kv_bytes_per_block(self.model_config, config.block_size, dtype)
         num_blocks = config.num_kv_blocks or max(1, int(config.kv_cache_gib * 2**30 // per_block))

@@ -111,10 +111,10 @@ class ModelRunner:
         for seq, (start, end) in wanted:
             picked.extend(range(start, end) if seq.draft_token_ids else [end - 1])
         logits = self.model.compute_logits(hidden[torch.tensor(picked)])
-        plain = [seq for seq, _ in wanted if not seq.draft_token_ids]
         results: dict[int, StepResult] = {}
         offset = 0
-        plain_rows = []
+        plain: list = []
+        plain_rows: list[int] = []
         for seq, _ in wanted:
             if seq.draft_token_ids:
                 count = len(seq.draft_token_ids) + 1
@@ -122,6 +122,7 @@ class ModelRunner:
                 results[seq.seq_id] = [(t, None) for t in tokens]
                 offset += count
             else:
+                plain.append(seq)
                 plain_rows.append(offset)
                 offset += 1
         if plain:

@@ -9,25 +9,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tokenmill.errors import InvalidParameterError
-
-QUANTIZATIONS: tuple[str | None, ...] = (None,)
-
 
 class DenseLinear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         self.weight = weight
         self.bias = bias
 
-    @property
-    def nbytes(self) -> int:
-        return self.weight.numel() * self.weight.element_size()
-
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
-
-
-def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, quantization: str | None) -> DenseLinear:
-    if quantization is None:
-        return DenseLinear(weight, bias)
-    raise InvalidParameterError(f"quantization {quantization!r} is not supported yet", "quantization")

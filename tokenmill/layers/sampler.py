@@ -52,6 +52,15 @@ def _truncate(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     return torch.empty_like(logits).scatter_(1, order, ordered)
 
 
+def _probabilities(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Each row's sampling distribution: divided by its temperature, then top-k/top-p/min-p applied."""
+    temps = torch.tensor([r.params.temperature for r in rows], dtype=logits.dtype).unsqueeze(1)
+    scaled = logits / temps
+    if any(r.params.top_k > 0 or r.params.top_p < 1.0 or r.params.min_p > 0.0 for r in rows):
+        scaled = _truncate(scaled, rows)
+    return scaled.softmax(dim=-1)
+
+
 def _sample_from(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     noise = torch.empty_like(probs).exponential_(generator=generator)
     return int((probs / noise).argmax())
@@ -72,11 +81,7 @@ def verify_draft(logits: torch.Tensor, draft: list[int], row: SamplingRow) -> li
                 return accepted + [targets[i]]
             accepted.append(token)
         return accepted + [targets[len(draft)]]
-    params = row.params
-    scaled = logits / params.temperature
-    if params.top_k > 0 or params.top_p < 1.0 or params.min_p > 0.0:
-        scaled = _truncate(scaled, [row] * scaled.shape[0])
-    probs = scaled.softmax(dim=-1)
+    probs = _probabilities(logits, [row] * logits.shape[0])
     accepted = []
     for i, token in enumerate(draft):
         if torch.rand(1, generator=row.generator).item() < probs[i, token].item():
@@ -104,11 +109,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], li
     if random_rows:
         picked = [rows[i] for i in random_rows]
         index = torch.tensor(random_rows)
-        temps = torch.tensor([r.params.temperature for r in picked], dtype=logits.dtype).unsqueeze(1)
-        scaled = logits[index] / temps
-        if any(r.params.top_k > 0 or r.params.top_p < 1.0 or r.params.min_p > 0.0 for r in picked):
-            scaled = _truncate(scaled, picked)
-        probs = scaled.softmax(dim=-1)
+        probs = _probabilities(logits[index], picked)
         noise = torch.empty_like(probs)
         for j, row in enumerate(picked):
             noise[j].exponential_(generator=row.generator)

@@ -12,23 +12,21 @@ import torch.nn.functional as F
 
 from tokenmill.config import ModelConfig
 from tokenmill.layers.attention import AttentionContext, paged_attention
-from tokenmill.layers.linear import DenseLinear, make_linear
+from tokenmill.layers.linear import DenseLinear
 from tokenmill.layers.norm import rms_norm
 from tokenmill.layers.rotary import RotaryEmbedding
-
-Linear = DenseLinear
 
 
 @dataclass(slots=True)
 class DecoderLayerWeights:
     input_norm: torch.Tensor
-    qkv: Linear
+    qkv: DenseLinear
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
-    o_proj: Linear
+    o_proj: DenseLinear
     post_norm: torch.Tensor
-    gate_up: Linear
-    down: Linear
+    gate_up: DenseLinear
+    down: DenseLinear
 
 
 class LlamaModel:
@@ -39,14 +37,12 @@ class LlamaModel:
         config: ModelConfig,
         weights: dict[str, torch.Tensor],
         max_positions: int,
-        quantization: str | None = None,
     ) -> None:
         self.config = config
-        self.quantization = quantization
         self.embed = weights["model.embed_tokens.weight"]
         self.norm = weights["model.norm.weight"]
         head = self.embed if config.tie_word_embeddings else weights["lm_head.weight"]
-        self.lm_head = make_linear(head, None, quantization)
+        self.lm_head = DenseLinear(head)
         self.layers = [self._layer(weights, i) for i in range(config.num_layers)]
         self.rotary = RotaryEmbedding(config.head_dim, max_positions, config.rope_theta, config.rope_scaling)
         self.q_size = config.num_heads * config.head_dim
@@ -59,18 +55,17 @@ class LlamaModel:
         bias = None
         if self.config.attention_bias and attn + "q_proj.bias" in weights:
             bias = torch.cat([weights[attn + f"{n}_proj.bias"] for n in "qkv"])
-        quant = self.quantization
         qkv = torch.cat([weights[attn + f"{n}_proj.weight"] for n in "qkv"])
         gate_up = torch.cat([weights[p + "mlp.gate_proj.weight"], weights[p + "mlp.up_proj.weight"]])
         return DecoderLayerWeights(
             input_norm=weights[p + "input_layernorm.weight"],
-            qkv=make_linear(qkv, bias, quant),
+            qkv=DenseLinear(qkv, bias),
             q_norm=weights.get(attn + "q_norm.weight") if self.config.qk_norm else None,
             k_norm=weights.get(attn + "k_norm.weight") if self.config.qk_norm else None,
-            o_proj=make_linear(weights[attn + "o_proj.weight"], None, quant),
+            o_proj=DenseLinear(weights[attn + "o_proj.weight"]),
             post_norm=weights[p + "post_attention_layernorm.weight"],
-            gate_up=make_linear(gate_up, None, quant),
-            down=make_linear(weights[p + "mlp.down_proj.weight"], None, quant),
+            gate_up=DenseLinear(gate_up),
+            down=DenseLinear(weights[p + "mlp.down_proj.weight"]),
         )
 
     @torch.inference_mode()
