@@ -35,6 +35,14 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=1024)
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--speculative", default=None, help="speculative decoding, e.g. ngram:k=4")
+    parser.add_argument(
+        "--quantization", default=None, choices=["none", "int8", "int4"], help="weight format (default fp32)"
+    )
+    parser.add_argument("--group-size", type=int, default=32, help="int4 weights per scale: 32, 64 or 128")
+
+
+def _quantization(value: str | None) -> str | None:
+    return None if value in (None, "none") else value
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +63,8 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len,
         speculative=args.speculative,
+        quantization=_quantization(args.quantization),
+        quantization_group_size=args.group_size,
     )
 
 
@@ -195,6 +205,30 @@ def cmd_bench_offline(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_quality(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from tokenmill.bench.quality import markdown_report, run_quality
+
+    result = run_quality(
+        args.model,
+        tuple(f for f in args.formats.split(",") if f),
+        max_text_tokens=args.max_text_tokens,
+        num_prompts=args.num_prompts,
+        max_tokens=args.max_tokens,
+        threads=args.threads,
+        group_size=args.group_size,
+    )
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quality.json").write_text(json.dumps(result, indent=2))
+    report = markdown_report(result)
+    (out / "quality.md").write_text(report)
+    print(report)
+    return 0
+
+
 def cmd_bench_roofline(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
@@ -279,6 +313,16 @@ def build_parser() -> argparse.ArgumentParser:
     roofline.add_argument("--steps", type=int, default=8)
     roofline.add_argument("--out-dir", default="results")
     roofline.set_defaults(func=cmd_bench_roofline)
+    quality = bench.add_parser("quality", help="perplexity and greedy agreement of fp32/int8/int4 weights")
+    quality.add_argument("--model", default=None)
+    quality.add_argument("--threads", type=int, default=None)
+    quality.add_argument("--formats", default="fp32,int8,int4", help="first one is the reference")
+    quality.add_argument("--group-size", type=int, default=32)
+    quality.add_argument("--max-text-tokens", type=int, default=None, help="default: the whole text (~28k)")
+    quality.add_argument("--num-prompts", type=int, default=50)
+    quality.add_argument("--max-tokens", type=int, default=32)
+    quality.add_argument("--out-dir", default="results")
+    quality.set_defaults(func=cmd_bench_quality)
     spec = bench.add_parser("speculative", help="plain vs speculative single-stream decode, same run")
     spec.add_argument("--model", default=None)
     spec.add_argument("--threads", type=int, default=None)

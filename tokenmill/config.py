@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from tokenmill.errors import InvalidParameterError
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+QUANTIZATIONS = ("int8", "int4")  # weight formats; layers/quantization.py says what each is
+INT4_GROUP_SIZES = (32, 64, 128)
 
 
 @dataclass(slots=True)
@@ -54,6 +56,8 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     speculative: str | None = None  # e.g. "ngram:k=4"; see engine/speculative.py
+    quantization: str | None = None  # None (fp32 weights), "int8" or "int4"; see layers/quantization.py
+    quantization_group_size: int = 32  # int4 only: weights per (scale, min) pair
     num_threads: int | None = None
     seed: int = 0
     extra: dict = field(default_factory=dict)
@@ -62,6 +66,16 @@ class EngineConfig:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise InvalidParameterError(
                 f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}", "dtype"
+            )
+        if self.quantization not in (None, *QUANTIZATIONS):
+            raise InvalidParameterError(
+                f"quantization must be one of none, {', '.join(QUANTIZATIONS)}; got {self.quantization!r}",
+                "quantization",
+            )
+        if self.quantization_group_size not in INT4_GROUP_SIZES:
+            raise InvalidParameterError(
+                f"int4 group size must be one of {INT4_GROUP_SIZES}, got {self.quantization_group_size}",
+                "quantization_group_size",
             )
         if self.block_size not in (8, 16, 32, 64, 128):
             raise InvalidParameterError(

@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
 
 import torch
 
@@ -40,6 +41,9 @@ class EngineStats:
     spec_verifications: int = 0  # sequence-steps that verified drafts
     spec_draft_tokens: int = 0
     spec_accepted_tokens: int = 0
+    # Wall seconds per step phase: schedule, prepare, model, sample, postprocess (and propose when
+    # speculating). Everything but "model" is host overhead.
+    phase_seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
     @property
     def spec_mean_accepted_length(self) -> float:
@@ -76,7 +80,11 @@ class LLMEngine:
         model_max = self.model_config.max_position_embeddings
         self.max_model_len = min(config.max_model_len or model_max, model_max)
         self.model = model_class(self.model_config)(
-            self.model_config, self.loaded.weights, self.max_model_len
+            self.model_config,
+            self.loaded.weights,
+            self.max_model_len,
+            config.quantization,
+            config.quantization_group_size,
         )
         per_block = kv_bytes_per_block(self.model_config, config.block_size, dtype)
         num_blocks = config.num_kv_blocks or max(1, int(config.kv_cache_gib * 2**30 // per_block))
@@ -88,6 +96,7 @@ class LLMEngine:
         )
         self.requests: dict[str, _Request] = {}
         self.stats = EngineStats()
+        self.runner.phase_seconds = self.stats.phase_seconds
         self._seed_source = random.Random(config.seed)
         self.speculative = SpeculativeConfig.parse(config.speculative) if config.speculative else None
         self.proposer = NgramProposer(self.speculative) if self.speculative else None
@@ -180,13 +189,19 @@ class LLMEngine:
     # ---- one iteration -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, sample, and report every request that moved."""
+        phases = self.stats.phase_seconds
+        started = time.perf_counter()
         if self.proposer is not None:
             self._propose_drafts()
+            phases["propose"] += time.perf_counter() - started
+        scheduling = time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch.entries:
             return []
         rows = {e.seq.seq_id: self._sampling_row(e.seq) for e in batch.entries if e.completes_known_tokens}
+        phases["schedule"] += time.perf_counter() - scheduling
         results = self.runner.execute(batch, rows)
+        postprocessing = time.perf_counter()
         self.stats.steps += 1
         self.stats.scheduled_tokens += batch.num_tokens
         self.stats.last_batch_size = len(batch)
@@ -221,7 +236,9 @@ class LLMEngine:
             if not seq.is_finished:
                 self.block_manager.cache_full_blocks(seq)
             touched.setdefault(seq.request_id, []).append(seq.index)
-        return [self._output(self.requests[rid], counts) for rid, counts in touched.items()]
+        outputs = [self._output(self.requests[rid], counts) for rid, counts in touched.items()]
+        phases["postprocess"] += time.perf_counter() - postprocessing
+        return outputs
 
     def _propose_drafts(self) -> None:
         """Give decoding sequences draft tokens, while the batch is small enough to be memory-bound."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from collections import defaultdict
+
 import torch
 
 from tokenmill.config import EngineConfig, ModelConfig
@@ -30,6 +33,7 @@ class ModelRunner:
             cfg.num_layers, 2, num_blocks * self.block_size, cfg.num_kv_heads, cfg.head_dim, dtype=dtype
         )
         self._offsets = torch.arange(self.block_size)
+        self.phase_seconds: defaultdict[str, float] = defaultdict(float)
 
     def _slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
         """Cache slots of token positions [start, end) of a sequence."""
@@ -100,17 +104,21 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch, rows: dict[int, SamplingRow]) -> dict[int, StepResult]:
         """Run one step. rows maps seq_id -> sampling inputs for sequences that sample this step; a
         sequence with draft tokens gets its drafts verified and may receive several tokens."""
+        started = time.perf_counter()
         if batch.block_copies:
             self.copy_blocks(batch.block_copies)
         input_ids, positions, ctx, ranges = self.prepare(batch.entries)
+        prepared = time.perf_counter()
         hidden = self.model.forward(input_ids, positions, ctx, self.kv_cache)
         wanted = [(e.seq, r) for e, r in zip(batch.entries, ranges, strict=True) if e.seq.seq_id in rows]
         if not wanted:
+            self._record(started, prepared, time.perf_counter())
             return {}
         picked: list[int] = []
         for seq, (start, end) in wanted:
             picked.extend(range(start, end) if seq.draft_token_ids else [end - 1])
         logits = self.model.compute_logits(hidden[torch.tensor(picked)])
+        computed = time.perf_counter()
         results: dict[int, StepResult] = {}
         offset = 0
         plain: list = []
@@ -129,4 +137,11 @@ class ModelRunner:
             token_ids, logprobs = sample(logits[torch.tensor(plain_rows)], [rows[s.seq_id] for s in plain])
             for seq, token, logprob in zip(plain, token_ids, logprobs, strict=True):
                 results[seq.seq_id] = [(token, logprob)]
+        self._record(started, prepared, computed)
         return results
+
+    def _record(self, started: float, prepared: float, computed: float) -> None:
+        """Seconds per phase, so benchmarks can show host overhead beside model time."""
+        self.phase_seconds["prepare"] += prepared - started
+        self.phase_seconds["model"] += computed - prepared
+        self.phase_seconds["sample"] += time.perf_counter() - computed

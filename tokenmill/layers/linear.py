@@ -1,7 +1,12 @@
 """Linear layers behind one call signature, so a quantised kind can replace the dense one per weight.
 
-Only dense fp32 (MKL sgemm) is offered today. fbgemm's dynamic int8 (weights and activations in int8) was
-measured on SmolLM2 and rejected: +41% NLL on a 1k-token text, mostly from down_proj (+23% alone).
+- DenseLinear: fp32 weights. Small batches (decode) go through our AVX2 kernel, which streams the weights
+  at close to memory bandwidth; MKL's sgemm takes the large ones (prefill), where it is faster.
+- Int8Linear / Int4Linear: weight-only quantisation (activations stay fp32, so does the arithmetic): 4x and
+  ~6x fewer bytes per decode step. fbgemm's dynamic int8 (int8 activations too) was measured on SmolLM2 and
+  rejected: +41% NLL on a 1k-token text, mostly from down_proj.
+Without the compiled kernels (see tokenmill.kernels) the quantised layers dequantise and call F.linear:
+the same numbers, slower.
 """
 
 from __future__ import annotations
@@ -9,11 +14,95 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tokenmill.kernels import kernels_available
+from tokenmill.layers.quantization import (
+    dequantize_int4,
+    dequantize_int8,
+    quantize_int4,
+    quantize_int8,
+)
+
+# Up to this many rows our kernel beats MKL on two threads (MKL's small-batch sgemm also stalls when
+# another process holds a core); above it MKL's blocked sgemm wins.
+DENSE_KERNEL_MAX_ROWS = 32
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
 
 class DenseLinear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        self.weight = weight
+        self.weight = weight.contiguous()
         self.bias = bias
+        rows, cols = weight.shape
+        self.use_kernel = (
+            weight.dtype == torch.float32 and rows % 4 == 0 and cols % 8 == 0 and kernels_available()
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.nbytes
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_kernel and x.dim() == 2 and x.shape[0] <= DENSE_KERNEL_MAX_ROWS:
+            y = torch.ops.tokenmill.fp32_linear(x, self.weight)
+            return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)
+
+
+class Int8Linear:
+    """Per-output-channel symmetric int8 weights."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        self.quantized = quantize_int8(weight)
+        self.bias = bias
+        rows, cols = weight.shape
+        self.use_kernel = rows % 4 == 0 and cols % 32 == 0 and kernels_available()
+
+    @property
+    def nbytes(self) -> int:
+        return self.quantized.nbytes
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.quantized
+        if self.use_kernel:
+            y = torch.ops.tokenmill.int8_linear(_flat(x), q.qweight, q.scales).view(*x.shape[:-1], -1)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, dequantize_int8(q), self.bias)
+
+
+class Int4Linear:
+    """Group-wise asymmetric int4 weights (GGUF Q4_1's format)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, group: int = 32) -> None:
+        self.quantized = quantize_int4(weight, group)
+        self.bias = bias
+        self.use_kernel = weight.shape[0] % 4 == 0 and kernels_available()
+
+    @property
+    def nbytes(self) -> int:
+        return self.quantized.nbytes
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.quantized
+        if self.use_kernel:
+            y = torch.ops.tokenmill.int4_linear(_flat(x), q.packed, q.scales, q.mins, q.group)
+            y = y.view(*x.shape[:-1], -1)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, dequantize_int4(q), self.bias)
+
+
+Linear = DenseLinear | Int8Linear | Int4Linear
+
+
+def make_linear(
+    weight: torch.Tensor, bias: torch.Tensor | None, quantization: str | None, group_size: int = 32
+) -> Linear:
+    """A layer of the requested format; a weight the format cannot hold (odd shapes) stays dense."""
+    rows, cols = weight.shape
+    if quantization == "int8":
+        return Int8Linear(weight, bias)
+    if quantization == "int4" and cols % group_size == 0:
+        return Int4Linear(weight, bias, group_size)
+    return DenseLinear(weight, bias)

@@ -7,6 +7,7 @@ import math
 import torch
 
 from tokenmill.errors import ModelLoadError
+from tokenmill.kernels import kernels_available
 
 
 def _inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -41,15 +42,17 @@ class RotaryEmbedding:
         self.half = head_dim // 2
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin rows for the step's positions, [T, 1, D/2]; looked up once, used by every layer."""
-        cos = self.cos.index_select(0, positions).unsqueeze(1).to(dtype)
-        sin = self.sin.index_select(0, positions).unsqueeze(1).to(dtype)
-        return cos, sin
+        """cos and sin rows for the step's positions, [T, D/2]; looked up once, used by every layer."""
+        return self.cos.index_select(0, positions).to(dtype), self.sin.index_select(0, positions).to(dtype)
 
     def apply(
         self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, Hq, D], k: [T, Hkv, D]; returns rotated copies."""
+        """q: [T, Hq, D], k: [T, Hkv, D]; the kernel rotates them in place, the fallback returns copies."""
+        if q.dtype == torch.float32 and q.stride(2) == 1 and k.stride(2) == 1 and kernels_available():
+            torch.ops.tokenmill.rotary_(q, k, cos, sin)
+            return q, k
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         return _rotate(q, cos, sin, self.half), _rotate(k, cos, sin, self.half)
 
 

@@ -12,21 +12,21 @@ import torch.nn.functional as F
 
 from tokenmill.config import ModelConfig
 from tokenmill.layers.attention import AttentionContext, paged_attention
-from tokenmill.layers.linear import DenseLinear
-from tokenmill.layers.norm import rms_norm
+from tokenmill.layers.linear import Linear, make_linear
+from tokenmill.layers.norm import add_rms_norm, rms_norm, silu_mul
 from tokenmill.layers.rotary import RotaryEmbedding
 
 
 @dataclass(slots=True)
 class DecoderLayerWeights:
     input_norm: torch.Tensor
-    qkv: DenseLinear
+    qkv: Linear
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
-    o_proj: DenseLinear
+    o_proj: Linear
     post_norm: torch.Tensor
-    gate_up: DenseLinear
-    down: DenseLinear
+    gate_up: Linear
+    down: Linear
 
 
 class LlamaModel:
@@ -37,12 +37,18 @@ class LlamaModel:
         config: ModelConfig,
         weights: dict[str, torch.Tensor],
         max_positions: int,
+        quantization: str | None = None,
+        group_size: int = 32,
     ) -> None:
         self.config = config
-        self.embed = weights["model.embed_tokens.weight"]
+        self.quantization = quantization
+        self.group_size = group_size
+        self.embed = weights["model.embed_tokens.weight"]  # a lookup reads one row: fp32 costs nothing
         self.norm = weights["model.norm.weight"]
         head = self.embed if config.tie_word_embeddings else weights["lm_head.weight"]
-        self.lm_head = DenseLinear(head)
+        # The LM head is a fifth of SmolLM2's weights; int8 keeps it within noise, int4 costs 4x more NLL
+        # (`tokenmill bench quality`), so an int4 model keeps an int8 head.
+        self.lm_head = make_linear(head, None, "int8" if quantization else None)
         self.layers = [self._layer(weights, i) for i in range(config.num_layers)]
         self.rotary = RotaryEmbedding(config.head_dim, max_positions, config.rope_theta, config.rope_scaling)
         self.q_size = config.num_heads * config.head_dim
@@ -59,14 +65,25 @@ class LlamaModel:
         gate_up = torch.cat([weights[p + "mlp.gate_proj.weight"], weights[p + "mlp.up_proj.weight"]])
         return DecoderLayerWeights(
             input_norm=weights[p + "input_layernorm.weight"],
-            qkv=DenseLinear(qkv, bias),
+            qkv=self._linear(qkv, bias),
             q_norm=weights.get(attn + "q_norm.weight") if self.config.qk_norm else None,
             k_norm=weights.get(attn + "k_norm.weight") if self.config.qk_norm else None,
-            o_proj=DenseLinear(weights[attn + "o_proj.weight"]),
+            o_proj=self._linear(weights[attn + "o_proj.weight"]),
             post_norm=weights[p + "post_attention_layernorm.weight"],
-            gate_up=DenseLinear(gate_up),
-            down=DenseLinear(weights[p + "mlp.down_proj.weight"]),
+            gate_up=self._linear(gate_up),
+            down=self._linear(weights[p + "mlp.down_proj.weight"]),
         )
+
+    def _linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
+        return make_linear(weight, bias, self.quantization, self.group_size)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes one decode step reads for the matmul weights (the roofline's numerator)."""
+        linears = [self.lm_head]
+        for layer in self.layers:
+            linears += [layer.qkv, layer.o_proj, layer.gate_up, layer.down]
+        return sum(linear.nbytes for linear in linears)
 
     @torch.inference_mode()
     def forward(
@@ -81,23 +98,26 @@ class LlamaModel:
         tokens = input_ids.shape[0]
         hidden = F.embedding(input_ids, self.embed)
         cos, sin = self.rotary.tables(positions, hidden.dtype)
+        eps = cfg.rms_norm_eps
+        x = rms_norm(hidden, self.layers[0].input_norm, eps)
         for index, layer in enumerate(self.layers):
-            x = rms_norm(hidden, layer.input_norm, cfg.rms_norm_eps)
             qkv = layer.qkv(x)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            q = q.reshape(tokens, cfg.num_heads, cfg.head_dim)
-            k = k.reshape(tokens, cfg.num_kv_heads, cfg.head_dim)
-            v = v.reshape(tokens, cfg.num_kv_heads, cfg.head_dim)
+            q = q.view(tokens, cfg.num_heads, cfg.head_dim)
+            k = k.view(tokens, cfg.num_kv_heads, cfg.head_dim)
+            v = v.view(tokens, cfg.num_kv_heads, cfg.head_dim)
             if layer.q_norm is not None:
-                q = rms_norm(q, layer.q_norm, cfg.rms_norm_eps)
-                k = rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
+                q = rms_norm(q, layer.q_norm, eps)
+                k = rms_norm(k, layer.k_norm, eps)
             q, k = self.rotary.apply(q, k, cos, sin)
             attended = paged_attention(q, k, v, kv_cache[index, 0], kv_cache[index, 1], ctx, self.scale)
-            hidden = hidden + layer.o_proj(attended.reshape(tokens, self.q_size))
-            x = rms_norm(hidden, layer.post_norm, cfg.rms_norm_eps)
-            gate, up = layer.gate_up(x).chunk(2, dim=-1)
-            hidden = hidden + layer.down(F.silu(gate) * up)
-        return rms_norm(hidden, self.norm, cfg.rms_norm_eps)
+            hidden, x = add_rms_norm(
+                hidden, layer.o_proj(attended.reshape(tokens, self.q_size)), layer.post_norm, eps
+            )
+            # The next layer's input norm (or the final norm) runs fused with this residual add.
+            next_norm = self.layers[index + 1].input_norm if index + 1 < len(self.layers) else self.norm
+            hidden, x = add_rms_norm(hidden, layer.down(silu_mul(layer.gate_up(x))), next_norm, eps)
+        return x
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

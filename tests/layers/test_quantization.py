@@ -1,0 +1,131 @@
+"""Quantised weights: formats round-trip, our AVX2 kernels equal the PyTorch fallback, the engine on
+quantised weights equals HF transformers on the same (dequantised) weights, and SmolLM2 keeps its quality."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import hf_greedy, make_engine, run_to_completion
+from tokenmill.bench.quality import perplexity, perplexity_text
+from tokenmill.config import EngineConfig
+from tokenmill.errors import InvalidParameterError
+from tokenmill.kernels import kernels_available
+from tokenmill.layers.linear import DenseLinear, Int4Linear, Int8Linear
+from tokenmill.layers.quantization import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
+from tokenmill.sampling import SamplingParams
+
+ROWS = (1, 2, 3, 4, 7, 40)
+
+
+def test_kernels_build_on_this_machine():
+    # CI runs on the AVX2 machine kind: a silent fall back to PyTorch here would be a regression.
+    assert kernels_available()
+
+
+def test_int8_round_trip_error_is_within_half_a_step():
+    weight = torch.randn(64, 96)
+    quantized = quantize_int8(weight)
+    error = (dequantize_int8(quantized) - weight).abs()
+    assert torch.all(error <= quantized.scales[:, None] / 2 + 1e-6)
+
+
+def test_int4_requantising_a_q4_1_grid_is_lossless():
+    """GGUF Q4_1 stores w = min + d * q (q in 0..15) per 32 weights; our int4 must reproduce it exactly."""
+    torch.manual_seed(0)
+    q = torch.randint(0, 16, (16, 4, 32))
+    q[:, :, 0], q[:, :, 1] = 0, 15  # every group spans the grid, as Q4_1's min/max make it
+    d = torch.rand(16, 4, 1) * 0.01 + 1e-3
+    low = torch.randn(16, 4, 1) * 0.05
+    weight = (low + d * q).reshape(16, 128)
+    assert torch.allclose(dequantize_int4(quantize_int4(weight, 32)), weight, atol=1e-6)
+
+
+def test_int4_rejects_a_group_that_does_not_divide_the_row():
+    with pytest.raises(ValueError, match="group"):
+        quantize_int4(torch.randn(8, 48), 32)
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("shape", [(96, 64), (256, 576)])
+def test_kernels_equal_the_pytorch_fallback(rows, shape):
+    torch.manual_seed(rows)
+    weight = torch.randn(*shape) * 0.05
+    bias = torch.randn(shape[0])
+    x = torch.randn(rows, shape[1])
+    layers = [DenseLinear(weight, bias), Int8Linear(weight, bias)]
+    layers += [Int4Linear(weight, bias, group) for group in (32, 64) if shape[1] % group == 0]
+    for layer in layers:
+        assert layer.use_kernel
+        fast = layer(x)
+        layer.use_kernel = False
+        reference = layer(x)
+        assert fast.shape == (rows, shape[0])
+        torch.testing.assert_close(fast, reference, atol=2e-5, rtol=1e-4)
+
+
+def test_quantised_layers_track_the_fp32_product():
+    torch.manual_seed(1)
+    weight = torch.randn(128, 256) * 0.05
+    x = torch.randn(5, 256)
+    exact = x @ weight.T
+    for layer, tolerance in ((Int8Linear(weight), 0.01), (Int4Linear(weight), 0.1)):
+        relative = (layer(x) - exact).norm() / exact.norm()
+        assert relative < tolerance, (type(layer).__name__, float(relative))
+    assert Int8Linear(weight).nbytes < weight.nbytes / 3.9
+    assert Int4Linear(weight).nbytes < weight.nbytes / 5
+
+
+def test_bad_quantization_options_are_typed_errors():
+    with pytest.raises(InvalidParameterError, match="quantization must be one of"):
+        EngineConfig(quantization="int3")
+    with pytest.raises(InvalidParameterError, match="group size"):
+        EngineConfig(quantization="int4", quantization_group_size=48)
+
+
+def _dequantised_reference(hf_model, quantization: str):
+    """A copy of the HF model whose linears (and untied LM head) hold exactly what ours compute with."""
+    import copy
+
+    reference = copy.deepcopy(hf_model)
+    with torch.no_grad():
+        for name, module in reference.named_modules():
+            if isinstance(module, torch.nn.Linear) and name != "lm_head":
+                weight = module.weight.data
+                if quantization == "int8":
+                    module.weight = torch.nn.Parameter(dequantize_int8(quantize_int8(weight)))
+                else:
+                    module.weight = torch.nn.Parameter(dequantize_int4(quantize_int4(weight, 32)))
+        head = reference.get_output_embeddings().weight.data.clone()
+        reference.lm_head = torch.nn.Linear(head.shape[1], head.shape[0], bias=False)
+        reference.lm_head.weight = torch.nn.Parameter(dequantize_int8(quantize_int8(head)))
+    return reference
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_quantised_engine_matches_transformers_on_the_same_weights(tiny_models, quantization, arch):
+    from tokenmill.models.loader import load_model
+
+    folder, hf_model = tiny_models[arch]
+    reference = _dequantised_reference(hf_model, quantization)
+    engine = make_engine(load_model(folder), quantization=quantization)
+    prompts = [[5, 17, 300, 41], list(range(100, 160)), [7]]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, params)
+    finished = run_to_completion(engine)
+    for i, prompt in enumerate(prompts):
+        assert finished[str(i)].outputs[0].token_ids == hf_greedy(reference, prompt, 12)
+
+
+def test_smollm2_quality_survives_quantisation(smollm_loaded):
+    """Issue bounds on a shorter text: int8 within 1% of fp32 perplexity, int4 within 5%."""
+    tokens = smollm_loaded.tokenizer.encode(perplexity_text())[:768]
+    results = {}
+    for quantization in (None, "int8", "int4"):
+        engine = make_engine(smollm_loaded, quantization=quantization)
+        results[quantization] = perplexity(engine.model, tokens, window=256)
+    assert results["int8"] / results[None] - 1 < 0.01, results
+    assert results["int4"] / results[None] - 1 < 0.05, results
+    assert 3 < results[None] < 40, results  # a sane model on English prose, not a broken loader

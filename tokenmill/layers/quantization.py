@@ -1,0 +1,73 @@
+"""Weight quantisation formats: int8 per output channel, int4 in groups along the input dimension.
+
+Both keep fp32 scales so dequantisation is one multiply(-add). int8 is symmetric (w = q * s): one scale per
+row is enough at 8 bits. int4 is asymmetric per group (w = q * s + min, q in 0..15), the format of GGUF's
+Q4_1, so re-quantising a Q4_1 model loses nothing, and a group of 32 tracks local ranges a row scale
+cannot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokenmill.config import INT4_GROUP_SIZES
+
+
+@dataclass(slots=True)
+class Int8Weight:
+    qweight: torch.Tensor  # int8 [N, K]
+    scales: torch.Tensor  # fp32 [N]
+
+    @property
+    def nbytes(self) -> int:
+        return self.qweight.nbytes + self.scales.nbytes
+
+
+@dataclass(slots=True)
+class Int4Weight:
+    packed: torch.Tensor  # uint8 [N, K / 2]; per 32 weights: byte j = w[j] | w[j + 16] << 4
+    scales: torch.Tensor  # fp32 [N, K / group]
+    mins: torch.Tensor  # fp32 [N, K / group]
+    group: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes + self.scales.nbytes + self.mins.nbytes
+
+
+def quantize_int8(weight: torch.Tensor) -> Int8Weight:
+    weight = weight.float()
+    scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    qweight = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return Int8Weight(qweight.contiguous(), scales.contiguous())
+
+
+def dequantize_int8(weight: Int8Weight) -> torch.Tensor:
+    return weight.qweight.float() * weight.scales[:, None]
+
+
+def quantize_int4(weight: torch.Tensor, group: int = 32) -> Int4Weight:
+    rows, cols = weight.shape
+    if group not in INT4_GROUP_SIZES or cols % group:
+        raise ValueError(f"int4 group must be one of {INT4_GROUP_SIZES} and divide the row length {cols}")
+    grouped = weight.float().reshape(rows, cols // group, group)
+    low = grouped.amin(dim=2)
+    high = grouped.amax(dim=2)
+    scales = ((high - low) / 15.0).clamp(min=1e-12)
+    q = torch.round((grouped - low[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8)
+    q = q.reshape(rows, cols // 32, 2, 16)
+    packed = q[:, :, 0, :] | (q[:, :, 1, :] << 4)
+    return Int4Weight(
+        packed.reshape(rows, cols // 2).contiguous(), scales.contiguous(), low.contiguous(), group
+    )
+
+
+def dequantize_int4(weight: Int4Weight) -> torch.Tensor:
+    rows = weight.packed.shape[0]
+    cols = weight.packed.shape[1] * 2
+    packed = weight.packed.reshape(rows, cols // 32, 1, 16)
+    q = torch.cat([packed & 0x0F, packed >> 4], dim=2).reshape(rows, cols // weight.group, weight.group)
+    values = q.float() * weight.scales[..., None] + weight.mins[..., None]
+    return values.reshape(rows, cols)
