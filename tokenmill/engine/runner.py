@@ -9,6 +9,7 @@ import torch
 
 from tokenmill.config import EngineConfig, ModelConfig
 from tokenmill.engine.batch import ScheduledBatch, ScheduledSequence
+from tokenmill.kernels import kernels_available
 from tokenmill.layers.attention import AttentionContext, PrefillSpan
 from tokenmill.layers.sampler import SamplingRow, sample, verify_draft
 from tokenmill.models.llama import LlamaModel
@@ -71,15 +72,21 @@ class ModelRunner:
         ctx = AttentionContext(slot_mapping=torch.empty(0, dtype=torch.long), num_decode=len(decodes))
         if decodes:
             width = max(len(e.seq.block_table) for e in decodes)
-            tables = torch.zeros(len(decodes), width, dtype=torch.long)
-            for row, entry in enumerate(decodes):
-                tables[row, : len(entry.seq.block_table)] = torch.tensor(entry.seq.block_table)
-            gather = (tables.unsqueeze(-1) * self.block_size + self._offsets).reshape(len(decodes), -1)
-            padding = torch.arange(gather.shape[1]) >= torch.tensor(context_lens).unsqueeze(1)
-            ctx.decode_gather = gather.reshape(-1)
-            ctx.decode_bias = torch.zeros(padding.shape).masked_fill_(padding, float("-inf"))[
-                :, None, None, :
-            ]
+            tables = torch.tensor(
+                [e.seq.block_table + [0] * (width - len(e.seq.block_table)) for e in decodes],
+                dtype=torch.long,
+            )
+            lengths = torch.tensor(context_lens)
+            if self.kv_cache.dtype == torch.float32 and kernels_available():
+                ctx.decode_block_tables, ctx.decode_lengths = tables, lengths
+                ctx.block_size = self.block_size
+            else:
+                gather = (tables.unsqueeze(-1) * self.block_size + self._offsets).reshape(len(decodes), -1)
+                padding = torch.arange(gather.shape[1]) >= lengths.unsqueeze(1)
+                ctx.decode_gather = gather.reshape(-1)
+                ctx.decode_bias = torch.zeros(padding.shape).masked_fill_(padding, float("-inf"))[
+                    :, None, None, :
+                ]
         for entry in entries:
             if entry.num_new_tokens == 1:
                 continue

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-SOURCES = [Path(__file__).with_name(name) for name in ("cpu_linear.cpp", "cpu_ops.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_linear.cpp", "cpu_ops.cpp", "cpu_attention.cpp")]
 
 
 @cache

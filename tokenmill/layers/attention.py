@@ -28,6 +28,11 @@ class AttentionContext:
 
     slot_mapping: torch.Tensor
     num_decode: int = 0
+    # Decode rows read the cache either through our kernel (block tables + lengths, no copies) or, without
+    # it, through padded gathers and a mask for SDPA.
+    decode_block_tables: torch.Tensor | None = None  # [B, W] block ids, padded with 0
+    decode_lengths: torch.Tensor | None = None  # [B] context length including the current token
+    block_size: int = 16
     decode_gather: torch.Tensor | None = None  # [B * S] cache slots, each row padded to S
     decode_bias: torch.Tensor | None = None  # [B, 1, 1, S] 0 where the key is real, -inf on padding
     prefills: list[PrefillSpan] = field(default_factory=list)
@@ -46,7 +51,17 @@ def paged_attention(
     k_cache.index_copy_(0, ctx.slot_mapping, k)
     v_cache.index_copy_(0, ctx.slot_mapping, v)
     out = torch.empty_like(q)
-    if ctx.num_decode:
+    if ctx.num_decode and ctx.decode_gather is None:
+        out[: ctx.num_decode] = torch.ops.tokenmill.paged_decode_attention(
+            q[: ctx.num_decode],
+            k_cache,
+            v_cache,
+            ctx.decode_block_tables,
+            ctx.decode_lengths,
+            ctx.block_size,
+            scale,
+        )
+    elif ctx.num_decode:
         b = ctx.num_decode
         shape = (b, -1, k_cache.shape[1], k_cache.shape[2])
         # index_select on the slot dim is several times faster than advanced indexing here.

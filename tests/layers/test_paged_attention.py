@@ -1,0 +1,58 @@
+"""Decode attention read straight from the paged cache equals the gather + SDPA path it replaces."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokenmill.kernels import kernels_available
+from tokenmill.layers.attention import AttentionContext, paged_attention
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim", [(4, 2, 32), (9, 3, 64), (2, 2, 20)])
+def test_paged_decode_kernel_matches_gather_and_sdpa(heads, kv_heads, dim):
+    assert kernels_available()
+    torch.manual_seed(heads * dim)
+    block_size, num_blocks = 8, 40
+    k_cache = torch.randn(num_blocks * block_size, kv_heads, dim)
+    v_cache = torch.randn(num_blocks * block_size, kv_heads, dim)
+    lengths = [1, 9, 37, 16]
+    permutation = torch.randperm(num_blocks).tolist()  # blocks scattered over the pool
+    tables, used = [], 0
+    for length in lengths:
+        count = -(-length // block_size)
+        tables.append(permutation[used : used + count])
+        used += count
+    width = max(len(t) for t in tables)
+    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    batch = len(lengths)
+    q = torch.randn(batch, heads, dim)
+    k_new = k_cache[torch.zeros(batch, dtype=torch.long)].clone()  # written to slot 0 by both paths
+    kernel_ctx = AttentionContext(
+        slot_mapping=torch.zeros(0, dtype=torch.long),
+        num_decode=batch,
+        decode_block_tables=block_tables,
+        decode_lengths=torch.tensor(lengths),
+        block_size=block_size,
+    )
+    gather = (block_tables.unsqueeze(-1) * block_size + torch.arange(block_size)).reshape(batch, -1)
+    padding = torch.arange(gather.shape[1]) >= torch.tensor(lengths).unsqueeze(1)
+    gather_ctx = AttentionContext(
+        slot_mapping=torch.zeros(0, dtype=torch.long),
+        num_decode=batch,
+        decode_gather=gather.reshape(-1),
+        decode_bias=torch.zeros(padding.shape).masked_fill_(padding, float("-inf"))[:, None, None, :],
+    )
+    empty = k_new[:0]
+    fast = paged_attention(q, empty, empty, k_cache, v_cache, kernel_ctx, dim**-0.5)
+    reference = paged_attention(q, empty, empty, k_cache, v_cache, gather_ctx, dim**-0.5)
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_block_table_pointing_outside_the_cache_is_refused():
+    assert kernels_available()
+    k_cache = torch.randn(16, 1, 8)
+    with pytest.raises(RuntimeError, match="outside"):
+        torch.ops.tokenmill.paged_decode_attention(
+            torch.randn(1, 1, 8), k_cache, k_cache.clone(), torch.tensor([[5]]), torch.tensor([3]), 8, 1.0
+        )
