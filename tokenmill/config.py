@@ -53,7 +53,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
-    speculative: str | None = None  # e.g. "ngram:k=4"; see engine/speculative.py
+    speculative: str | None = None  # "ngram:k=4" or "draft=PATH,k=4"; see engine/speculative.py
     num_threads: int | None = None
     seed: int = 0
     extra: dict = field(default_factory=dict)
