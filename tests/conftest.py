@@ -76,19 +76,40 @@ def tiny_models(tmp_path_factory, smollm_loaded) -> dict[str, tuple[Path, object
             for param in model.parameters():
                 param.mul_(4.0 if param.dim() > 1 else 1.0)
         folder = tmp_path_factory.mktemp(f"tiny-{arch}")
-        model.save_pretrained(folder, safe_serialization=True)
-        tokenizer.backend.save(str(folder / "tokenizer.json"))
-        (folder / "tokenizer_config.json").write_text(
-            json.dumps(
-                {
-                    "chat_template": tokenizer.chat_template,
-                    "eos_token": "<|im_end|>",
-                    "bos_token": "<|im_start|>",
-                }
-            )
-        )
+        _save_tiny(model, folder, tokenizer)
         made[arch] = (folder, model)
     return made
+
+
+def _save_tiny(model, folder: Path, tokenizer) -> None:
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.backend.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "chat_template": tokenizer.chat_template,
+                "eos_token": "<|im_end|>",
+                "bos_token": "<|im_start|>",
+            }
+        )
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_draft(tmp_path_factory, smollm_loaded) -> Path:
+    """A smaller random llama (1 layer, width 32) with the tiny models' vocabulary: a draft for them."""
+    import transformers
+
+    torch.manual_seed(7)
+    config = _tiny_hf_config("llama", smollm_loaded.tokenizer.vocab_size)
+    config.hidden_size, config.intermediate_size, config.num_hidden_layers = 32, 64, 1
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(4.0 if param.dim() > 1 else 1.0)
+    folder = tmp_path_factory.mktemp("tiny-draft")
+    _save_tiny(model, folder, smollm_loaded.tokenizer)
+    return folder
 
 
 def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.engine import LLMEngine
-from tokenmill.errors import TokenmillError
+from tokenmill.errors import InvalidParameterError, TokenmillError
 from tokenmill.llm import LLM
 from tokenmill.sampling import SamplingParams
 
@@ -34,7 +34,9 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=1024)
     parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--speculative", default=None, help="speculative decoding, e.g. ngram:k=4")
+    parser.add_argument(
+        "--speculative", default=None, help="speculative decoding: ngram:k=4 or draft=PATH,k=4"
+    )
     parser.add_argument(
         "--quantization", default=None, choices=["none", "int8", "int4"], help="weight format (default fp32)"
     )
@@ -254,13 +256,50 @@ def cmd_bench_speculative(args: argparse.Namespace) -> int:
 
     from tokenmill.bench.speculative import markdown_report, run_speculative_bench
 
-    result = run_speculative_bench(args.model, args.speculative or "ngram:k=4", args.output_len, args.threads)
+    tasks = tuple(t for t in args.tasks.split(",") if t)
+    if not set(tasks) <= {"input-grounded", "chat"} or not tasks:
+        raise InvalidParameterError("--tasks is a comma list of input-grounded, chat", "tasks")
+    specs = args.speculative or ["ngram:k=4"]
+    result = run_speculative_bench(args.model, specs, args.output_len, args.threads, tasks)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "speculative.json").write_text(json.dumps(result, indent=2))
     report = markdown_report(result)
     (out / "speculative.md").write_text(report)
     print(report)
+    return 0
+
+
+def cmd_draft_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tokenmill.train.draft import DraftTrainConfig, train_draft
+
+    config = DraftTrainConfig(
+        output=Path(args.output),
+        model=args.model,
+        num_layers=args.layers,
+        source_layers=[int(x) for x in args.source_layers.split(",")] if args.source_layers else None,
+        minutes=args.minutes,
+        data_fraction=args.data_fraction,
+        max_steps=args.max_steps,
+        answer_tokens=args.answer_tokens,
+        max_prompts=args.max_prompts,
+        head_tokens=args.head_tokens,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        samples_path=Path(args.samples) if args.samples else None,
+        threads=args.threads,
+        seed=args.seed,
+    )
+    result = train_draft(config)
+    print(
+        f"wrote {result.output}: {result.steps} steps in {result.seconds / 60:.1f} min "
+        f"({result.data_seconds / 60:.1f} min collecting {result.num_samples} answers, "
+        f"{result.num_answer_tokens} tokens); final loss {result.final_loss:.3f}, "
+        f"held-out agreement with the target {result.heldout_agreement:.1%}"
+    )
+    print(f"use it with: --speculative draft={result.output},k=4")
     return 0
 
 
@@ -326,10 +365,38 @@ def build_parser() -> argparse.ArgumentParser:
     spec = bench.add_parser("speculative", help="plain vs speculative single-stream decode, same run")
     spec.add_argument("--model", default=None)
     spec.add_argument("--threads", type=int, default=None)
-    spec.add_argument("--speculative", default="ngram:k=4")
+    spec.add_argument(
+        "--speculative",
+        action="append",
+        default=None,
+        help="proposer to compare with plain decode, repeatable (default ngram:k=4); e.g. draft=PATH,k=4",
+    )
+    spec.add_argument("--tasks", default="input-grounded,chat", help="comma list of input-grounded, chat")
     spec.add_argument("--output-len", type=int, default=128)
     spec.add_argument("--out-dir", default="results")
     spec.set_defaults(func=cmd_bench_speculative)
+    draft = commands.add_parser("draft", help="draft models for speculative decoding").add_subparsers(
+        dest="draft", required=True
+    )
+    train = draft.add_parser("train", help="distil a small draft from the target's own answers (CPU)")
+    train.add_argument("--model", default=None, help="target model (default: SmolLM2-135M)")
+    train.add_argument("--output", default="draft.safetensors", help="draft file to write")
+    train.add_argument("--minutes", type=float, default=20.0, help="time budget for the whole run")
+    train.add_argument("--data-fraction", type=float, default=0.4, help="share of time for target answers")
+    train.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+    train.add_argument("--layers", type=int, default=2, help="decoder layers in the draft")
+    train.add_argument(
+        "--source-layers", default=None, help="target layers to start from (default 0..layers-1)"
+    )
+    train.add_argument("--head-tokens", type=int, default=8192, help="vocabulary the draft scores (0: all)")
+    train.add_argument("--answer-tokens", type=int, default=128, help="tokens per target answer")
+    train.add_argument("--max-prompts", type=int, default=None)
+    train.add_argument("--batch-size", type=int, default=8)
+    train.add_argument("--lr", type=float, default=5e-4)
+    train.add_argument("--samples", default=None, help="JSON cache of the target's answers (reused)")
+    train.add_argument("--threads", type=int, default=None)
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(func=cmd_draft_train)
     demo = commands.add_parser("demo", help="a chat answer and a batch, with tokens/s")
     demo.add_argument("--batch", type=int, default=16)
     _engine_args(demo)

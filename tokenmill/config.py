@@ -55,7 +55,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
-    speculative: str | None = None  # e.g. "ngram:k=4"; see engine/speculative.py
+    speculative: str | None = None  # "ngram:k=4" or "draft=PATH,k=4"; see engine/speculative.py
     quantization: str | None = None  # None (fp32 weights), "int8" or "int4"; see layers/quantization.py
     quantization_group_size: int = 32  # int4 only: weights per (scale, min) pair
     num_threads: int | None = None

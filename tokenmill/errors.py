@@ -35,3 +35,7 @@ class EngineOverloadedError(TokenmillError):
 
 class EngineStoppedError(TokenmillError):
     """The engine is shutting down and takes no new requests."""
+
+
+class IncompatibleDraftError(ModelLoadError):
+    """A speculative draft model does not fit its target (another vocabulary, width or tokenizer)."""

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tests.conftest import assert_no_leak, make_engine, run_to_completion
-from tokenmill.engine.speculative import NgramProposer, SpeculativeConfig
+from tokenmill.engine.speculative import DraftProposal, NgramProposer, Proposer, SpeculativeConfig
 from tokenmill.errors import InvalidParameterError
 from tokenmill.layers.attention import AttentionContext, PrefillSpan
 from tokenmill.layers.sampler import SamplingRow, verify_draft
@@ -16,16 +16,16 @@ GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
 
 def test_ngram_proposer_continues_the_latest_match():
     proposer = NgramProposer(SpeculativeConfig("ngram", k=3, max_ngram=2, min_ngram=1))
-    assert proposer.propose([1, 2, 3, 4, 9, 1, 2, 7, 8, 1, 2], 3) == [7, 8, 1]
-    assert proposer.propose([5, 6, 7], 3) == []
-    assert proposer.propose([4, 4], 2) == [4]
+    assert proposer.lookup([1, 2, 3, 4, 9, 1, 2, 7, 8, 1, 2], 3) == [7, 8, 1]
+    assert proposer.lookup([5, 6, 7], 3) == []
+    assert proposer.lookup([4, 4], 2) == [4]
 
 
 def test_speculative_config_parsing_and_errors():
     config = SpeculativeConfig.parse("ngram:k=5,max_ngram=4")
     assert (config.method, config.k, config.max_ngram) == ("ngram", 5, 4)
     assert config.max_batch == max(1, config.crossover_tokens // 6)
-    for bad in ("draft", "ngram:k=0", "ngram:q=3", "ngram:k=x"):
+    for bad in ("draft", "draft=", "ngram:k=0", "ngram:q=3", "ngram:k=x", "draft=m.safetensors,max_ngram=2"):
         with pytest.raises(InvalidParameterError):
             SpeculativeConfig.parse(bad)
 
@@ -65,14 +65,14 @@ def test_speculative_on_smollm_rewrite_task(smollm_loaded):
     assert_no_leak(engine)
 
 
-class FixedProposer:
+class FixedProposer(Proposer):
     """Guesses the same tokens every time: the verifier, not the guesser, is under test here."""
 
     def __init__(self, guess: list[int]) -> None:
         self.guess = guess
 
-    def propose(self, token_ids: list[int], k: int) -> list[int]:
-        return self.guess[:k]
+    def propose(self, seqs, num_tokens):
+        return [DraftProposal(self.guess[:k]) for k in num_tokens]
 
 
 def test_rejection_rule_keeps_the_target_distribution():

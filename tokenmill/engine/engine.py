@@ -12,13 +12,15 @@ import torch
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.block_manager import BlockManager
+from tokenmill.engine.draft_proposer import DraftModelProposer
 from tokenmill.engine.runner import ModelRunner, kv_bytes_per_block
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.engine.sequence import Sequence
-from tokenmill.engine.speculative import NgramProposer, SpeculativeConfig
+from tokenmill.engine.speculative import NgramProposer, Proposer, SpeculativeConfig
 from tokenmill.engine.stop_checker import append_text_and_check_stop
 from tokenmill.errors import InvalidParameterError, PromptTooLongError, RequestTooLargeError
 from tokenmill.layers.sampler import SamplingRow
+from tokenmill.models.draft import load_draft
 from tokenmill.models.loader import LoadedModel, load_model
 from tokenmill.models.registry import model_class
 from tokenmill.models.tokenizer import IncrementalDetokenizer
@@ -99,7 +101,16 @@ class LLMEngine:
         self.runner.phase_seconds = self.stats.phase_seconds
         self._seed_source = random.Random(config.seed)
         self.speculative = SpeculativeConfig.parse(config.speculative) if config.speculative else None
-        self.proposer = NgramProposer(self.speculative) if self.speculative else None
+        self.proposer = self._make_proposer(num_blocks, dtype) if self.speculative else None
+
+    def _make_proposer(self, num_blocks: int, dtype: torch.dtype) -> Proposer:
+        spec = self.speculative
+        if spec.method == "draft":
+            draft = load_draft(spec.draft_path, self.loaded, self.max_model_len, dtype)
+            # As many blocks as the target: the draft can hold every running sequence, at a fraction
+            # of the memory (its KV per token is small).
+            return DraftModelProposer(draft, self.config, num_blocks, self.model_config.vocab_size)
+        return NgramProposer(spec)
 
     # ---- requests in -------------------------------------------------------------------------------
     def tokenize_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
@@ -181,6 +192,7 @@ class LLMEngine:
         for seq in request.seqs:
             if not seq.is_finished:
                 self.scheduler.finish(seq)
+                self._release_draft(seq)
                 seq.finish_reason = "abort"
 
     def has_unfinished_requests(self) -> bool:
@@ -196,6 +208,8 @@ class LLMEngine:
             phases["propose"] += time.perf_counter() - started
         scheduling = time.perf_counter()
         batch = self.scheduler.schedule()
+        for seq in batch.preempted:
+            self._release_draft(seq)
         if not batch.entries:
             return []
         rows = {e.seq.seq_id: self._sampling_row(e.seq) for e in batch.entries if e.completes_known_tokens}
@@ -220,6 +234,7 @@ class LLMEngine:
             # KV is valid for the known tokens and the accepted drafts; rejected slots are given back.
             seq.num_computed_tokens += entry.num_new_tokens - drafts + len(tokens) - 1
             seq.draft_token_ids = []
+            seq.draft_probs = None
             if request.params.n > 1 and not request.forked:
                 self._fork(request, seq)
             if drafts:
@@ -245,8 +260,10 @@ class LLMEngine:
         running = self.scheduler.running
         for seq in running:
             seq.draft_token_ids = []
+            seq.draft_probs = None
         if len(running) > self.speculative.max_batch:
             return
+        seqs, counts = [], []
         for seq in running:
             params = seq.params
             if (
@@ -259,7 +276,17 @@ class LLMEngine:
             room = min(params.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens) - 1
             k = min(self.speculative.k, room)
             if k > 0:
-                seq.draft_token_ids = self.proposer.propose(seq.token_ids, k)
+                seqs.append(seq)
+                counts.append(k)
+        if not seqs:
+            return
+        for seq, proposal in zip(seqs, self.proposer.propose(seqs, counts), strict=True):
+            seq.draft_token_ids = proposal.token_ids
+            seq.draft_probs = proposal.probs
+
+    def _release_draft(self, seq: Sequence) -> None:
+        if self.proposer is not None:
+            self.proposer.release(seq)
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
         params = seq.params
@@ -291,6 +318,7 @@ class LLMEngine:
         if seq.finish_reason is not None:
             seq.finished_time = now
             self.scheduler.finish(seq)
+            self._release_draft(seq)
 
     def _output(self, request: _Request, moved: list[int]) -> RequestOutput:
         finished = request.finished

@@ -133,7 +133,9 @@ class ModelRunner:
         for seq, _ in wanted:
             if seq.draft_token_ids:
                 count = len(seq.draft_token_ids) + 1
-                tokens = verify_draft(logits[offset : offset + count], seq.draft_token_ids, rows[seq.seq_id])
+                tokens = verify_draft(
+                    logits[offset : offset + count], seq.draft_token_ids, rows[seq.seq_id], seq.draft_probs
+                )
                 results[seq.seq_id] = [(t, None) for t in tokens]
                 offset += count
             else:

@@ -38,6 +38,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)
     draft_token_ids: list[int] = field(default_factory=list)
+    draft_probs: torch.Tensor | None = None  # [k, vocab] the proposer's q, when it sampled its guesses
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
@@ -79,5 +80,6 @@ class Sequence:
         self.block_table = []
         self.block_hashes = []
         self.draft_token_ids = []
+        self.draft_probs = None
         self.status = SequenceStatus.WAITING
         self.num_preemptions += 1

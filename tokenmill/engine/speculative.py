@@ -3,16 +3,28 @@
 Decode is memory-bound: checking k+1 positions costs about one weight read, so every accepted guess is a
 token for free. That stops being true once the step is compute-bound, so speculation is switched off when
 the running batch times (k+1) passes the machine's crossover batch (FLOP/s / bytes/s * bytes/param / 2).
+
+Proposers: `NgramProposer` (prompt lookup, here) and `DraftModelProposer` (a small model with its own
+paged KV cache, engine/draft_proposer.py).
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+import torch
+
+from tokenmill.engine.sequence import Sequence
 from tokenmill.errors import InvalidParameterError
 
 # fp32 crossover measured on the reference machine (2 EPYC cores): ~77 GFLOP/s over ~22.6 GB/s -> ~7.
 DEFAULT_CROSSOVER_TOKENS = 7
+
+_OPTIONS = {
+    "ngram": ("k", "max_ngram", "min_ngram", "crossover_tokens"),
+    "draft": ("k", "crossover_tokens"),
+}
 
 
 @dataclass(slots=True)
@@ -24,6 +36,7 @@ class SpeculativeConfig:
     max_ngram: int = 4
     min_ngram: int = 2
     crossover_tokens: int = DEFAULT_CROSSOVER_TOKENS
+    draft_path: str | None = None  # method 'draft': a model folder / GGUF, or a `tokenmill draft train` file
 
     @property
     def max_batch(self) -> int:
@@ -32,33 +45,70 @@ class SpeculativeConfig:
 
     @classmethod
     def parse(cls, spec: str) -> SpeculativeConfig:
-        """'ngram' or 'ngram:k=4,max_ngram=3' (the form used on the command line)."""
-        method, _, options = spec.partition(":")
-        if method != "ngram":
-            raise InvalidParameterError(f"speculative method must be 'ngram', got {method!r}", "speculative")
+        """'ngram', 'ngram:k=4,max_ngram=3' or 'draft=PATH,k=4' (the forms used on the command line)."""
+        if spec.startswith("draft="):
+            path, _, options = spec[len("draft=") :].partition(",")
+            method = "draft"
+            if not path:
+                raise InvalidParameterError("speculative 'draft=PATH' needs a path", "speculative")
+        else:
+            method, _, options = spec.partition(":")
+            path = None
+            if method != "ngram":
+                raise InvalidParameterError(
+                    f"speculative method must be 'ngram[:k=N,...]' or 'draft=PATH[,k=N]', got {spec!r}",
+                    "speculative",
+                )
+        allowed = _OPTIONS[method]
         values: dict[str, int] = {}
         for item in filter(None, options.split(",")):
             key, _, value = item.partition("=")
-            if key not in ("k", "max_ngram", "min_ngram", "crossover_tokens") or not value.isdigit():
+            if key not in allowed or not value.isdigit():
                 raise InvalidParameterError(
-                    f"bad speculative option {item!r}; use k=N, max_ngram=N, min_ngram=N, crossover_tokens=N",
+                    f"bad speculative option {item!r} for {method}; use "
+                    + ", ".join(f"{a}=N" for a in allowed),
                     "speculative",
                 )
             values[key] = int(value)
-        config = cls(method, **values)
+        config = cls(method, draft_path=path, **values)
         if not 1 <= config.k <= 16 or not 1 <= config.min_ngram <= config.max_ngram:
-            raise InvalidParameterError("speculative k must be in [1, 16] and 1 <= min_ngram <= max_ngram")
+            raise InvalidParameterError(
+                "speculative k must be in [1, 16] and 1 <= min_ngram <= max_ngram", "speculative"
+            )
         return config
 
 
-class NgramProposer:
+@dataclass(slots=True)
+class DraftProposal:
+    """Guessed tokens for one sequence. `probs` [len(token_ids), vocab] is the distribution each guess was
+    drawn from, needed by the rejection rule; None means the guesses were picked deterministically."""
+
+    token_ids: list[int]
+    probs: torch.Tensor | None = None
+
+
+class Proposer(ABC):
+    """Guesses continuations for a batch of decoding sequences; the target verifies them."""
+
+    @abstractmethod
+    def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> list[DraftProposal]:
+        """Up to num_tokens[i] guesses for seqs[i], whose KV is computed up to its last token."""
+
+    def release(self, seq: Sequence) -> None:  # noqa: B027 - a proposer without per-sequence state
+        """Forget a sequence that finished, was aborted or was preempted (free any state it holds)."""
+
+
+class NgramProposer(Proposer):
     """Prompt lookup: find the latest earlier occurrence of the last n tokens and propose what followed."""
 
     def __init__(self, config: SpeculativeConfig) -> None:
         self.max_n = config.max_ngram
         self.min_n = config.min_ngram
 
-    def propose(self, token_ids: list[int], k: int) -> list[int]:
+    def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> list[DraftProposal]:
+        return [DraftProposal(self.lookup(s.token_ids, k)) for s, k in zip(seqs, num_tokens, strict=True)]
+
+    def lookup(self, token_ids: list[int], k: int) -> list[int]:
         length = len(token_ids)
         for n in range(self.max_n, self.min_n - 1, -1):
             if length <= n:

@@ -12,7 +12,9 @@ from tokenmill.kernels import kernels_available
 
 
 def _fusable(x: torch.Tensor) -> bool:
-    return x.dim() == 2 and x.dtype == torch.float32 and x.stride(1) == 1 and kernels_available()
+    # The kernels have no backward: anything that trains (tokenmill draft train) takes the PyTorch path.
+    plain = x.dim() == 2 and x.dtype == torch.float32 and x.stride(1) == 1 and not x.requires_grad
+    return plain and kernels_available()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

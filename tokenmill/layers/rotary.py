@@ -49,7 +49,8 @@ class RotaryEmbedding:
         self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [T, Hq, D], k: [T, Hkv, D]; the kernel rotates them in place, the fallback returns copies."""
-        if q.dtype == torch.float32 and q.stride(2) == 1 and k.stride(2) == 1 and kernels_available():
+        fusable = q.dim() == 3 and q.dtype == torch.float32 and q.stride(2) == 1 and k.stride(2) == 1
+        if fusable and not (q.requires_grad or k.requires_grad) and kernels_available():
             torch.ops.tokenmill.rotary_(q, k, cos, sin)
             return q, k
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)

@@ -52,7 +52,7 @@ def _truncate(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     return torch.empty_like(logits).scatter_(1, order, ordered)
 
 
-def _probabilities(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+def sampling_probabilities(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """Each row's sampling distribution: divided by its temperature, then top-k/top-p/min-p applied."""
     temps = torch.tensor([r.params.temperature for r in rows], dtype=logits.dtype).unsqueeze(1)
     scaled = logits / temps
@@ -66,11 +66,15 @@ def _sample_from(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     return int((probs / noise).argmax())
 
 
-def verify_draft(logits: torch.Tensor, draft: list[int], row: SamplingRow) -> list[int]:
+def verify_draft(
+    logits: torch.Tensor, draft: list[int], row: SamplingRow, draft_probs: torch.Tensor | None = None
+) -> list[int]:
     """Check k draft tokens against the target's k+1 distributions; returns accepted drafts + one more.
 
-    Greedy keeps drafts while they equal the target's argmax. Sampling uses the rejection rule for a
-    deterministic proposal: keep draft d with probability p(d); on rejection draw from p with d removed.
+    Greedy keeps drafts while they equal the target's argmax. Sampling uses the standard rejection rule:
+    keep draft d with probability min(1, p(d) / q(d)); on rejection draw from max(0, p - q), renormalised.
+    `draft_probs` [k, V] is q, the distribution each draft was drawn from; None means the drafts were
+    chosen deterministically (q one-hot: keep d with probability p(d), else draw from p without d).
     Either way the output follows the target's own distribution exactly.
     """
     if row.params.greedy:
@@ -81,15 +85,22 @@ def verify_draft(logits: torch.Tensor, draft: list[int], row: SamplingRow) -> li
                 return accepted + [targets[i]]
             accepted.append(token)
         return accepted + [targets[len(draft)]]
-    probs = _probabilities(logits, [row] * logits.shape[0])
+    probs = sampling_probabilities(logits, [row] * logits.shape[0])
     accepted = []
     for i, token in enumerate(draft):
-        if torch.rand(1, generator=row.generator).item() < probs[i, token].item():
+        q = 1.0 if draft_probs is None else float(draft_probs[i, token])
+        if torch.rand(1, generator=row.generator).item() * q < probs[i, token].item():
             accepted.append(token)
             continue
-        residual = probs[i].clone()
-        residual[token] = 0.0
-        return accepted + [_sample_from(residual / residual.sum(), row.generator)]
+        if draft_probs is None:
+            residual = probs[i].clone()
+            residual[token] = 0.0
+        else:
+            residual = (probs[i] - draft_probs[i]).clamp_min_(0.0)
+        total = residual.sum()
+        if total <= 0:  # p == q: a rejection cannot happen except by rounding; p itself is then right
+            residual, total = probs[i], probs[i].sum()
+        return accepted + [_sample_from(residual / total, row.generator)]
     return accepted + [_sample_from(probs[len(draft)], row.generator)]
 
 
@@ -109,7 +120,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], li
     if random_rows:
         picked = [rows[i] for i in random_rows]
         index = torch.tensor(random_rows)
-        probs = _probabilities(logits[index], picked)
+        probs = sampling_probabilities(logits[index], picked)
         noise = torch.empty_like(probs)
         for j, row in enumerate(picked):
             noise[j].exponential_(generator=row.generator)
