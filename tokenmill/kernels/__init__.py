@@ -32,7 +32,8 @@ def kernels_available() -> bool:
         load(
             name="tokenmill_cpu_kernels",
             sources=[str(source) for source in SOURCES],
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"],
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],  # at::parallel_for is inline: without OpenMP it runs serially
             is_python_module=False,
             verbose=False,
         )

@@ -24,6 +24,7 @@ namespace {
 #define UNROLL _Pragma("GCC unroll 16")
 
 constexpr int64_t kRows = 4;  // output rows per panel
+constexpr int64_t kAhead = 4 * kRows;  // software prefetch distance, in rows (measured: 2-4 panels)
 
 inline float horizontal_sum(__m256 v) {
   __m128 low = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -62,6 +63,7 @@ inline void run_tiles(const float* panel, int64_t panel_stride, const float* x, 
 inline void decode_int8_row(const int8_t* q, float scale, float* out, int64_t K) {
   const __m256 s = _mm256_set1_ps(scale);
   for (int64_t k = 0; k < K; k += 8) {
+    if (k % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(q + kAhead * K + k), _MM_HINT_T0);
     __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + k));
     __m256 values = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
     _mm256_storeu_ps(out + k, _mm256_mul_ps(values, s));
@@ -76,6 +78,7 @@ inline void decode_int4_row(const uint8_t* packed, const float* scales, const fl
                             float* out, int64_t K) {
   const __m128i mask = _mm_set1_epi8(0x0F);
   for (int64_t k = 0; k < K; k += 32) {
+    if (k % 128 == 0) _mm_prefetch(reinterpret_cast<const char*>(packed + kAhead * (K / 2) + k / 2), _MM_HINT_T0);
     const int64_t g = k / group;
     const __m256 s = _mm256_set1_ps(scales[g]);
     const __m256 z = _mm256_set1_ps(mins[g]);
@@ -93,16 +96,27 @@ inline void decode_int4_row(const uint8_t* packed, const float* scales, const fl
 // registers and multiply at once. int8 applies its row scale after the sum; int4 dequantises per group.
 template <int MB>
 inline void int8_direct(const int8_t* q, const float* scales, const float* x, float* y, int64_t N, int64_t K) {
+  // 32 weights per row per iteration from one 32-byte load, widened with register shuffles: on AMD
+  // cores vpmovsxbd from memory per 8 bytes ran at half this speed (measured).
   __m256 acc[kRows][MB];
   UNROLL for (int n = 0; n < kRows; ++n)
     UNROLL for (int m = 0; m < MB; ++m) acc[n][m] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; k += 8) {
-    __m256 xv[MB];
-    UNROLL for (int m = 0; m < MB; ++m) xv[m] = _mm256_loadu_ps(x + m * K + k);
+  for (int64_t k = 0; k < K; k += 32) {
     UNROLL for (int n = 0; n < kRows; ++n) {
-      __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + n * K + k));
-      __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
-      UNROLL for (int m = 0; m < MB; ++m) acc[n][m] = _mm256_fmadd_ps(w, xv[m], acc[n][m]);
+      // Rows are short (K bytes), too short for the hardware prefetcher to ramp up: fetch panels ahead.
+      _mm_prefetch(reinterpret_cast<const char*>(q + (n + kAhead) * K + k), _MM_HINT_T0);
+      __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + n * K + k));
+      __m128i low = _mm256_castsi256_si128(bytes);
+      __m128i high = _mm256_extracti128_si256(bytes, 1);
+      __m256 w[4] = {
+          _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(low)),
+          _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(low, 8))),
+          _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(high)),
+          _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(high, 8))),
+      };
+      UNROLL for (int m = 0; m < MB; ++m)
+        UNROLL for (int j = 0; j < 4; ++j)
+          acc[n][m] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(x + m * K + k + 8 * j), acc[n][m]);
     }
   }
   UNROLL for (int m = 0; m < MB; ++m)
@@ -122,6 +136,7 @@ inline void int4_direct(const uint8_t* packed, const float* scales, const float*
     UNROLL for (int n = 0; n < kRows; ++n) {
       const __m256 s = _mm256_set1_ps(scales[n * groups + g]);
       const __m256 z = _mm256_set1_ps(mins[n * groups + g]);
+      _mm_prefetch(reinterpret_cast<const char*>(packed + (n + kAhead) * (K / 2) + k / 2), _MM_HINT_T0);
       __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + n * (K / 2) + k / 2));
       __m128i low = _mm_and_si128(bytes, mask);
       __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);

@@ -1,7 +1,7 @@
 """Linear layers behind one call signature, so a quantised kind can replace the dense one per weight.
 
-- DenseLinear: fp32 weights. Small batches (decode) go through our AVX2 kernel, which streams the weights
-  at close to memory bandwidth; MKL's sgemm takes the large ones (prefill), where it is faster.
+- DenseLinear: fp32 weights. Batches up to 256 rows go through our AVX2 kernel, which streams the weights
+  at close to memory bandwidth and matches MKL up to 256 rows; MKL takes larger prefill chunks.
 - Int8Linear / Int4Linear: weight-only quantisation (activations stay fp32, so does the arithmetic): 4x and
   ~6x fewer bytes per decode step. fbgemm's dynamic int8 (int8 activations too) was measured on SmolLM2 and
   rejected: +41% NLL on a 1k-token text, mostly from down_proj.
@@ -22,9 +22,9 @@ from tokenmill.layers.quantization import (
     quantize_int8,
 )
 
-# Up to this many rows our kernel beats MKL on two threads (MKL's small-batch sgemm also stalls when
-# another process holds a core); above it MKL's blocked sgemm wins.
-DENSE_KERNEL_MAX_ROWS = 32
+# Up to this many rows our kernel matches or beats MKL's sgemm on two threads (measured 1-256 rows);
+# MKL's small-batch sgemm also stalls when another process holds a core. Above it, MKL.
+DENSE_KERNEL_MAX_ROWS = 256
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
