@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +34,9 @@ class BenchResult:
     seconds: float
     note: str = ""
     extra: dict = field(default_factory=dict)
+    # 1-minute load average when the result was taken: on a shared 2-core box, the evidence of how quiet
+    # the machine was (anything above ~2 means another process competed for the cores).
+    loadavg: float = field(default_factory=lambda: os.getloadavg()[0])
 
     @property
     def tokens_per_second(self) -> float:

@@ -16,7 +16,7 @@ def plot_throughput(results: list[BenchResult], path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     scenarios = list(dict.fromkeys(r.scenario for r in results if r.scenario != "all"))
-    failed = [r.system for r in results if r.seconds <= 0]
+    failed = list(dict.fromkeys(r.system for r in results if r.seconds <= 0))
     figure, axes = plt.subplots(
         len(scenarios) or 1, 1, figsize=(9, 1.2 + 0.45 * _rows(results, scenarios)), squeeze=False
     )
@@ -41,5 +41,5 @@ def plot_throughput(results: list[BenchResult], path: str | Path) -> Path:
 
 
 def _rows(results: list[BenchResult], scenarios: list[str]) -> int:
-    failed = sum(1 for r in results if r.seconds <= 0)
+    failed = len({r.system for r in results if r.seconds <= 0})
     return sum(sum(1 for r in results if r.scenario == s and r.seconds > 0) + failed + 1 for s in scenarios)
