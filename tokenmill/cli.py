@@ -202,8 +202,12 @@ def cmd_bench_offline(args: argparse.Namespace) -> int:
         out_dir=Path(args.out_dir),
         workloads=tuple(w for w in args.workloads.split(",") if w),
         speculative=args.speculative,
+        vllm_venv=Path(args.vllm_venv) if args.vllm_venv else None,
+        vllm_install=not args.no_vllm_install,
+        batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",") if b),
     )
     print(markdown_table(results))
+    print(f"wrote {Path(args.out_dir) / 'offline.json'}, offline.md, offline.png")
     return 0
 
 
@@ -335,7 +339,16 @@ def build_parser() -> argparse.ArgumentParser:
     offline.add_argument("--num-prompts", type=int, default=64)
     offline.add_argument("--input-len", type=int, default=128)
     offline.add_argument("--output-len", type=int, default=128)
-    offline.add_argument("--peers", default="hf,llamacpp", help="comma list of hf, llamacpp (or empty)")
+    offline.add_argument("--peers", default="hf,llamacpp", help="comma list of hf, llamacpp, vllm (or empty)")
+    offline.add_argument(
+        "--vllm-venv", default=None, help="venv of the vllm peer (default ~/.cache/tokenmill/vllm-venv)"
+    )
+    offline.add_argument(
+        "--no-vllm-install", action="store_true", help="report a missing vLLM instead of installing it"
+    )
+    offline.add_argument(
+        "--batch-sizes", default="", help="also sweep tokenmill decode over these batch sizes, e.g. 1,8,32,64"
+    )
     offline.add_argument("--seed", type=int, default=0)
     offline.add_argument("--workloads", default="random", help="comma list of random, shared-prefix, chat")
     offline.add_argument("--speculative", default=None, help="run tokenmill with e.g. ngram:k=4")

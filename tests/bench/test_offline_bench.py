@@ -11,7 +11,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_offline_bench_runs_tokenmill_and_hf_side_by_side(tiny_models, tmp_path):
+def test_offline_bench_runs_tokenmill_and_hf_side_by_side_and_writes_json_md_png(tiny_models, tmp_path):
     folder = str(tiny_models["qwen2"][0])
     result = _run(
         "offline",
@@ -24,7 +24,12 @@ def test_offline_bench_runs_tokenmill_and_hf_side_by_side(tiny_models, tmp_path)
         "--output-len",
         "8",
         "--peers",
-        "hf,llamacpp",
+        "hf,llamacpp,vllm",
+        "--no-vllm-install",
+        "--vllm-venv",
+        str(tmp_path / "no-vllm-here"),
+        "--batch-sizes",
+        "1,4",
         "--workloads",
         "random,shared-prefix,chat",
         "--out-dir",
@@ -44,6 +49,13 @@ def test_offline_bench_runs_tokenmill_and_hf_side_by_side(tiny_models, tmp_path)
     llamacpp = [r for r in rows if r["system"].startswith("llama.cpp")]
     assert llamacpp and llamacpp[0]["note"].startswith("could not run")
     assert "| tokenmill |" in (tmp_path / "offline.md").read_text()
+    vllm = [r for r in rows if r["system"].startswith("vLLM")]
+    assert len(vllm) == 1 and "installing is disabled" in vllm[0]["note"]
+    assert (tmp_path / "offline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    sweep = json.loads((tmp_path / "offline_sweep.json").read_text())
+    assert [r["batch"] for r in sweep["rows"]] == [1, 4]
+    assert all(r["measured_ms"] > 0 and r["roofline_ms"] > 0 for r in sweep["rows"])
+    assert (tmp_path / "offline_sweep.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_speculative_bench_reports_speedup_and_identical_output(tiny_models, tmp_path):

@@ -3,6 +3,7 @@
 import argparse
 import asyncio
 import json
+from pathlib import Path
 
 import pytest
 
@@ -143,3 +144,32 @@ def test_markdown_table_has_one_column_per_run():
     table = markdown_table(runs)
     assert table.splitlines()[0] == "| metric | rate 2/s | rate inf/s |"
     assert "| TTFT mean (ms) | 100.00 | 100.00 |" in table
+
+
+def test_launch_tokenmill_starts_measures_and_stops_its_own_server(tiny_models, tmp_path):
+    """`bench serve --launch tokenmill`: a real `tokenmill serve` child process on a free port."""
+    import subprocess
+    import sys
+
+    folder = str(tiny_models["llama"][0])
+    command = [sys.executable, "-m", "tokenmill.cli", "bench", "serve", "--launch", "tokenmill"]
+    command += ["--launch-model", folder, "--launch-threads", "1", "--num-prompts", "3", "--input-len", "8"]
+    command += ["--output-len", "4", "--vocab-size", "1000", "--out-dir", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    url = next(line.split(" at ")[1] for line in result.stdout.splitlines() if line.startswith("launched"))
+    run = json.loads((tmp_path / "serve.json").read_text())
+    assert (run["completed"], run["failed"], run["total_output_tokens"]) == (3, 0, 12)
+    assert run["base_url"] == url and run["model"] == folder  # served under its path
+    import httpx
+
+    with pytest.raises(httpx.ConnectError):  # stopped when the benchmark ended
+        httpx.get(f"{url}/health", timeout=5)
+
+
+def test_launch_llamacpp_needs_a_gguf(tiny_models):
+    from tokenmill.bench.launch import launched_server
+
+    with pytest.raises(InvalidParameterError, match="needs a GGUF"):
+        with launched_server("llamacpp", str(tiny_models["llama"][0]), 1, 2, 32, Path("/tmp")):
+            pass

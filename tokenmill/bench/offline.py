@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +34,9 @@ class BenchResult:
     seconds: float
     note: str = ""
     extra: dict = field(default_factory=dict)
+    # 1-minute load average when the result was taken: on a shared 2-core box, the evidence of how quiet
+    # the machine was (anything above ~2 means another process competed for the cores).
+    loadavg: float = field(default_factory=lambda: os.getloadavg()[0])
 
     @property
     def tokens_per_second(self) -> float:
@@ -133,10 +137,20 @@ def run_offline(
     out_dir: Path | None = None,
     workloads: tuple[str, ...] = ("random",),
     speculative: str | None = None,
+    vllm_venv: Path | None = None,
+    vllm_install: bool = True,
+    batch_sizes: tuple[int, ...] = (),
 ) -> list[BenchResult]:
-    """Each workload through tokenmill, then through each peer; single-stream decode once per system."""
+    """Each workload through tokenmill, then through each peer; single-stream decode once per system.
+
+    `vllm_venv` is where the vLLM peer lives (default ~/.cache/tokenmill/vllm-venv); with `vllm_install`
+    False a missing vLLM is reported instead of installed. `batch_sizes` adds tokenmill's decode step time
+    at each batch size against the roofline bound (offline_sweep.json/.md/.png)."""
     config = EngineConfig(
-        model=model, num_threads=threads, max_num_seqs=max(64, num_prompts), speculative=speculative
+        model=model,
+        num_threads=threads,
+        max_num_seqs=max(64, num_prompts, *batch_sizes),
+        speculative=speculative,
     )
     llm = LLM(config=config)
     sets = build_workloads(
@@ -146,6 +160,12 @@ def run_offline(
     results = [bench_tokenmill_decode(llm, first_prompt, output_len)]
     for name, prompts in sets.items():
         results.append(bench_tokenmill(llm, prompts, output_len, _scenario(name, prompts, output_len)))
+    if batch_sizes:
+        from tokenmill.bench.batch_sweep import run_batch_sweep, write_sweep
+
+        sweep = run_batch_sweep(llm.engine, batch_sizes, input_len)
+        if out_dir is not None:
+            write_sweep(sweep, out_dir)
     if speculative:
         for result in results:
             result.system = f"tokenmill (speculative {speculative})"
@@ -167,12 +187,25 @@ def run_offline(
             results.extend(
                 _llamacpp_results(model, prompts, output_len, threads, scenario, single=index == 0)
             )
+    if "vllm" in peers:
+        from tokenmill.bench.vllm_peer import run_vllm_peer
+
+        threads = threads or torch.get_num_threads()
+        results.extend(run_vllm_peer(model, sets, output_len, threads, vllm_venv, vllm_install))
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        payload = [asdict(r) | {"tokens_per_second": r.tokens_per_second} for r in results]
-        (out_dir / "offline.json").write_text(json.dumps(payload, indent=2))
-        (out_dir / "offline.md").write_text(markdown_table(results))
+        write_reports(results, out_dir)
     return results
+
+
+def write_reports(results: list[BenchResult], out_dir: Path) -> None:
+    """offline.json, offline.md and offline.png (throughput per workload, one bar per system)."""
+    from tokenmill.bench.offline_plot import plot_throughput
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload = [asdict(r) | {"tokens_per_second": r.tokens_per_second} for r in results]
+    (out_dir / "offline.json").write_text(json.dumps(payload, indent=2))
+    (out_dir / "offline.md").write_text(markdown_table(results))
+    plot_throughput(results, out_dir / "offline.png")
 
 
 def build_workloads(

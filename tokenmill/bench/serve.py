@@ -312,8 +312,24 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
-    """Run the benchmark once per request rate, print the table, write serve.json/.md (and a PNG)."""
+    """Run the benchmark once per request rate, print the table, write serve.json/.md (and a PNG); with
+    --launch, against a server started for this run and stopped after it."""
     check_args(args)
+    if not args.launch:
+        return _bench_serve(args)
+    from tokenmill.bench.launch import launched_server
+
+    parallel = args.max_concurrency or args.num_prompts
+    context = args.input_len + args.output_len
+    with launched_server(
+        args.launch, args.launch_model, args.launch_threads, parallel, context, Path(args.out_dir)
+    ) as url:
+        print(f"launched {args.launch} at {url}")
+        args.base_url = url
+        return _bench_serve(args)
+
+
+def _bench_serve(args: argparse.Namespace) -> int:
     rates = parse_rates(args.request_rate or ["inf"])
     if args.model:
         model = args.model
@@ -381,5 +397,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--slo-tpot-ms", type=float, default=None)
     parser.add_argument("--slo-e2e-ms", type=float, default=None)
     parser.add_argument("--out-dir", default="results")
+    parser.add_argument(
+        "--launch",
+        choices=("tokenmill", "llamacpp"),
+        default=None,
+        help="start this server on a free 127.0.0.1 port for the run (ignores --base-url), stop it after",
+    )
+    parser.add_argument("--launch-model", default=None, help="model of the launched server (default SmolLM2)")
+    parser.add_argument("--launch-threads", type=int, default=None, help="threads of the launched server")
     parser.set_defaults(func=cmd_bench_serve)
     return parser
