@@ -46,11 +46,18 @@ class BenchResult:
 def bench_tokenmill(llm: LLM, prompts: list[list[int]], output_len: int, scenario: str) -> BenchResult:
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=2))  # warm-up
+    phases = llm.engine.stats.phase_seconds
+    before = dict(phases)
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=True)
     seconds = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    return BenchResult("tokenmill", scenario, len(prompts), tokens, seconds)
+    split = {name: value - before.get(name, 0.0) for name, value in phases.items()}
+    host = sum(value for name, value in split.items() if name != "model")
+    note = f"host overhead {host / seconds:.1%} of wall time (model {split.get('model', 0.0) / seconds:.1%})"
+    return BenchResult(
+        "tokenmill", scenario, len(prompts), tokens, seconds, note=note, extra={"phases": split}
+    )
 
 
 def single_stream_decode(
@@ -126,31 +133,26 @@ def bench_hf_decode(hf, prompt: list[int], output_len: int) -> BenchResult:
     return BenchResult("hf-transformers", "single-stream decode", 1, output_len - 1, full - one)
 
 
-def run_offline(
+def _tokenmill_results(
     model: str | None,
     num_prompts: int,
     input_len: int,
     output_len: int,
-    peers: list[str],
-    seed: int = 0,
-    threads: int | None = None,
-    out_dir: Path | None = None,
-    workloads: tuple[str, ...] = ("random",),
-    speculative: str | None = None,
-    vllm_venv: Path | None = None,
-    vllm_install: bool = True,
-    batch_sizes: tuple[int, ...] = (),
-) -> list[BenchResult]:
-    """Each workload through tokenmill, then through each peer; single-stream decode once per system.
-
-    `vllm_venv` is where the vLLM peer lives (default ~/.cache/tokenmill/vllm-venv); with `vllm_install`
-    False a missing vLLM is reported instead of installed. `batch_sizes` adds tokenmill's decode step time
-    at each batch size against the roofline bound (offline_sweep.json/.md/.png)."""
+    seed: int,
+    threads: int | None,
+    workloads: tuple[str, ...],
+    speculative: str | None,
+    batch_sizes: tuple[int, ...],
+    out_dir: Path | None,
+    quantization: str,
+) -> tuple[dict[str, list[list[int]]], list[int], list[BenchResult]]:
+    """tokenmill in one weight format: single-stream decode, then each workload (and the batch sweep)."""
     config = EngineConfig(
         model=model,
         num_threads=threads,
         max_num_seqs=max(64, num_prompts, *batch_sizes),
         speculative=speculative,
+        quantization=None if quantization in ("none", "fp32") else quantization,
     )
     llm = LLM(config=config)
     sets = build_workloads(
@@ -166,11 +168,55 @@ def run_offline(
         sweep = run_batch_sweep(llm.engine, batch_sizes, input_len)
         if out_dir is not None:
             write_sweep(sweep, out_dir)
-    if speculative:
-        for result in results:
-            result.system = f"tokenmill (speculative {speculative})"
+    label = "fp32" if quantization in ("none", "fp32") else quantization
+    for result in results:
+        result.system = f"tokenmill {label}" + (f" (speculative {speculative})" if speculative else "")
     del llm
     gc.collect()
+    return sets, first_prompt, results
+
+
+def run_offline(
+    model: str | None,
+    num_prompts: int,
+    input_len: int,
+    output_len: int,
+    peers: list[str],
+    seed: int = 0,
+    threads: int | None = None,
+    out_dir: Path | None = None,
+    workloads: tuple[str, ...] = ("random",),
+    speculative: str | None = None,
+    vllm_venv: Path | None = None,
+    vllm_install: bool = True,
+    batch_sizes: tuple[int, ...] = (),
+    quantizations: tuple[str, ...] = ("none",),
+    llamacpp_weights: tuple[str, ...] = ("native",),
+) -> list[BenchResult]:
+    """Each workload through tokenmill, then through each peer; single-stream decode once per system.
+
+    `vllm_venv` is where the vLLM peer lives (default ~/.cache/tokenmill/vllm-venv); with `vllm_install`
+    False a missing vLLM is reported instead of installed. `batch_sizes` adds tokenmill's decode step time
+    at each batch size against the roofline bound (offline_sweep.json/.md/.png). `quantizations` runs
+    tokenmill once per weight format (none = fp32, int8, int4); `llamacpp_weights` runs llama.cpp on the
+    GGUF as shipped ("native") and re-encoded (f32, q8_0, q4_0, ...) by bench/gguf_convert.py."""
+    results: list[BenchResult] = []
+    sets: dict[str, list[list[int]]] = {}
+    for index, quantization in enumerate(quantizations):
+        sets, first_prompt, runs = _tokenmill_results(
+            model,
+            num_prompts,
+            input_len,
+            output_len,
+            seed,
+            threads,
+            workloads,
+            speculative,
+            batch_sizes if index == 0 else (),
+            out_dir,
+            quantization,
+        )
+        results.extend(runs)
     if "hf" in peers:
         try:
             hf = load_hf_model(model)
@@ -182,11 +228,15 @@ def run_offline(
                 results.append(bench_hf(hf, prompts, output_len, _scenario(name, prompts, output_len)))
     if "llamacpp" in peers:
         threads = threads or torch.get_num_threads()
-        for index, (name, prompts) in enumerate(sets.items()):
-            scenario = _scenario(name, prompts, output_len)
-            results.extend(
-                _llamacpp_results(model, prompts, output_len, threads, scenario, single=index == 0)
-            )
+        for weights in llamacpp_weights:
+            for index, (name, prompts) in enumerate(sets.items()):
+                scenario = _scenario(name, prompts, output_len)
+                runs = _llamacpp_results(
+                    model, prompts, output_len, threads, scenario, single=index == 0, weights=weights
+                )
+                for run in runs:
+                    run.system += "" if weights == "native" else f" {weights}"
+                results.extend(runs)
     if "vllm" in peers:
         from tokenmill.bench.vllm_peer import run_vllm_peer
 
@@ -239,8 +289,11 @@ def _llamacpp_results(
     threads: int,
     scenario: str,
     single: bool = True,
+    weights: str = "native",
 ) -> list[BenchResult]:
-    """llama.cpp's own server on the same GGUF: single stream, then 8 and 64 parallel slots."""
+    """llama.cpp's own server on the same GGUF (as shipped, or re-encoded as `weights`): single stream,
+    then 8 and 64 parallel slots."""
+    from tokenmill.bench.gguf_convert import convert_gguf
     from tokenmill.bench.llamacpp_peer import bench_llamacpp, bench_llamacpp_decode, llamacpp_available
 
     name = "llama.cpp (llama-server)"
@@ -251,6 +304,8 @@ def _llamacpp_results(
         return [BenchResult(name, scenario, 0, 0, 0.0, note=f"could not run: {why}")]
     results = []
     try:
+        if weights != "native":
+            path = convert_gguf(path, weights)
         if single:
             results.append(bench_llamacpp_decode(str(path), prompts[0], output_len, threads))
         for slots in sorted({8, len(prompts)} if single else {len(prompts)}):
