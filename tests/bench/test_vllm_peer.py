@@ -24,7 +24,7 @@ def test_vllm_peer_reports_why_when_its_venv_cannot_be_created(tiny_models, tmp_
     rows = [r for r in results if r.system == SYSTEM]
     assert len(rows) == 1 and rows[0].output_tokens == 0
     assert rows[0].note.startswith("could not run:") and "venv" in rows[0].note
-    assert [r.system for r in results if r.output_tokens] == ["tokenmill", "tokenmill"]  # the bench went on
+    assert [r.system for r in results if r.output_tokens] == ["tokenmill fp32"] * 2  # the bench went on
 
 
 def test_missing_vllm_is_not_installed_when_installing_is_disabled(tmp_path):
