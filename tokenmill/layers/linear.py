@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 from tokenmill.kernels import kernels_available
 from tokenmill.layers.quantization import (
+    Int4Weight,
+    Int8Weight,
     dequantize_int4,
     dequantize_int8,
     quantize_int4,
@@ -51,7 +53,31 @@ class DenseLinear:
         return F.linear(x, self.weight, self.bias)
 
 
-class Int8Linear:
+class _QuantizedLinear:
+    """The shared call path: our kernel on [rows, K], or dequantise + F.linear (same numbers, slower)."""
+
+    quantized: Int8Weight | Int4Weight
+    bias: torch.Tensor | None
+    use_kernel: bool
+
+    @property
+    def nbytes(self) -> int:
+        return self.quantized.nbytes
+
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _dequantize(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.use_kernel:
+            return F.linear(x, self._dequantize(), self.bias)
+        y = self._kernel(_flat(x)).view(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+
+class Int8Linear(_QuantizedLinear):
     """Per-output-channel symmetric int8 weights."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
@@ -60,19 +86,14 @@ class Int8Linear:
         rows, cols = weight.shape
         self.use_kernel = rows % 4 == 0 and cols % 32 == 0 and kernels_available()
 
-    @property
-    def nbytes(self) -> int:
-        return self.quantized.nbytes
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.tokenmill.int8_linear(x, self.quantized.qweight, self.quantized.scales)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        q = self.quantized
-        if self.use_kernel:
-            y = torch.ops.tokenmill.int8_linear(_flat(x), q.qweight, q.scales).view(*x.shape[:-1], -1)
-            return y if self.bias is None else y + self.bias
-        return F.linear(x, dequantize_int8(q), self.bias)
+    def _dequantize(self) -> torch.Tensor:
+        return dequantize_int8(self.quantized)
 
 
-class Int4Linear:
+class Int4Linear(_QuantizedLinear):
     """Group-wise asymmetric int4 weights (GGUF Q4_1's format)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, group: int = 32) -> None:
@@ -80,17 +101,12 @@ class Int4Linear:
         self.bias = bias
         self.use_kernel = weight.shape[0] % 4 == 0 and kernels_available()
 
-    @property
-    def nbytes(self) -> int:
-        return self.quantized.nbytes
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         q = self.quantized
-        if self.use_kernel:
-            y = torch.ops.tokenmill.int4_linear(_flat(x), q.packed, q.scales, q.mins, q.group)
-            y = y.view(*x.shape[:-1], -1)
-            return y if self.bias is None else y + self.bias
-        return F.linear(x, dequantize_int4(q), self.bias)
+        return torch.ops.tokenmill.int4_linear(x, q.packed, q.scales, q.mins, q.group)
+
+    def _dequantize(self) -> torch.Tensor:
+        return dequantize_int4(self.quantized)
 
 
 Linear = DenseLinear | Int8Linear | Int4Linear

