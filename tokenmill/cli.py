@@ -146,7 +146,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     rate = tokens / elapsed
     print(f"\n\n[single stream: {tokens} tokens in {elapsed:.1f}s = {rate:.1f} tok/s, prefill included]")
     conversations = [
-        [{"role": "user", "content": p}] for p in DEMO_PROMPTS * (args.batch // len(DEMO_PROMPTS))
+        [{"role": "user", "content": DEMO_PROMPTS[i % len(DEMO_PROMPTS)]}] for i in range(args.batch)
     ]
     before = engine.stats.generation_tokens
     start = time.perf_counter()
