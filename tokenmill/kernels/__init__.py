@@ -6,6 +6,7 @@ PyTorch that computes the same numbers, only slower; `kernels_available()` says 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from functools import cache
@@ -15,6 +16,13 @@ import torch
 
 log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name(name) for name in ("cpu_linear.cpp", "cpu_ops.cpp", "cpu_attention.cpp")]
+HEADERS = [Path(__file__).with_name("simd.h")]
+
+
+def _headers_flag() -> str:
+    """torch rebuilds when a source or a flag changes, not a header: the headers' hash rides in a flag."""
+    digest = hashlib.sha1(b"".join(header.read_bytes() for header in HEADERS)).hexdigest()[:12]
+    return f"-DTOKENMILL_HEADERS_{digest}"
 
 
 @cache
@@ -32,7 +40,7 @@ def kernels_available() -> bool:
         load(
             name="tokenmill_cpu_kernels",
             sources=[str(source) for source in SOURCES],
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", _headers_flag()],
             extra_ldflags=["-fopenmp"],  # at::parallel_for is inline: without OpenMP it runs serially
             is_python_module=False,
             verbose=False,

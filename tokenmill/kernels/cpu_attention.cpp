@@ -1,8 +1,8 @@
 // Decode attention straight from the paged KV cache. The PyTorch path first gathers every sequence's keys
 // and values into padded copies (index_select), then runs SDPA with a padding mask: two extra passes over
 // the whole context per layer per step, plus a dozen ops of dispatch. Here each (sequence, KV head) walks
-// its block table and reads keys/values where they live; the query heads sharing that KV head (GQA) are
-// scored together so each key is loaded once.
+// its block table and reads keys/values where they live; the query heads sharing that KV head (GQA) take
+// turns while those keys and values are still in L2.
 #include <immintrin.h>
 
 #include <ATen/Parallel.h>
@@ -17,26 +17,89 @@
 #include <limits>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
 
-inline float dot(const float* a, const float* b, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  __m128 low = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  low = _mm_hadd_ps(low, low);
-  low = _mm_hadd_ps(low, low);
-  float sum = _mm_cvtss_f32(low);
-  for (; i < n; ++i) sum += a[i] * b[i];
-  return sum;
+using tokenmill::exp256;
+using tokenmill::sum8;
+using tokenmill::sum8x8;
+
+// scores[s] = scale * <query, key_s> for L keys found through slot_of. Eight keys at a time, their eight
+// accumulators reduced together: one horizontal reduction per eight keys instead of one per key.
+void score_keys(const float* query, const float* keys, const int64_t* slot_of, int64_t L, int64_t stride,
+                int64_t D, float scale, float* scores) {
+  int64_t s = 0;
+  if (D % 8 == 0) {
+    for (; s + 8 <= L; s += 8) {
+      __m256 acc[8];
+      const float* key[8];
+      for (int j = 0; j < 8; ++j) {
+        acc[j] = _mm256_setzero_ps();
+        key[j] = keys + slot_of[s + j] * stride;
+      }
+      for (int64_t d = 0; d < D; d += 8) {
+        const __m256 q = _mm256_loadu_ps(query + d);
+        for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(q, _mm256_loadu_ps(key[j] + d), acc[j]);
+      }
+      _mm256_storeu_ps(scores + s, _mm256_mul_ps(sum8x8(acc), _mm256_set1_ps(scale)));
+    }
+  }
+  for (; s < L; ++s) {
+    const float* key = keys + slot_of[s] * stride;
+    __m256 acc = _mm256_setzero_ps();
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(query + d), _mm256_loadu_ps(key + d), acc);
+    float total = sum8(acc);
+    for (; d < D; ++d) total += query[d] * key[d];
+    scores[s] = total * scale;
+  }
 }
 
-inline void axpy(float alpha, const float* x, float* y, int64_t n) {
-  const __m256 a = _mm256_set1_ps(alpha);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(a, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-  for (; i < n; ++i) y[i] += alpha * x[i];
+// row[0..L) <- softmax(row), exp eight lanes at a time.
+void softmax(float* row, int64_t L) {
+  float peak = -std::numeric_limits<float>::infinity();
+  for (int64_t s = 0; s < L; ++s) peak = std::max(peak, row[s]);
+  const __m256 shift = _mm256_set1_ps(peak);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t s = 0;
+  for (; s + 8 <= L; s += 8) {
+    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(row + s), shift));
+    _mm256_storeu_ps(row + s, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  float total = sum8(acc);
+  for (; s < L; ++s) total += (row[s] = std::exp(row[s] - peak));
+  const float inverse = 1.f / total;
+  for (int64_t t = 0; t < L; ++t) row[t] *= inverse;
+}
+
+// out[d0 .. d0 + 8 * CHUNKS) = sum_s p[s] * value_s[...]: the output tile stays in registers for the
+// whole context instead of being loaded and stored once per key.
+template <int CHUNKS>
+void weigh_values_tile(const float* p, const float* values, const int64_t* slot_of, int64_t L, int64_t stride,
+                       int64_t d0, float* out) {
+  __m256 acc[CHUNKS];
+  for (int c = 0; c < CHUNKS; ++c) acc[c] = _mm256_setzero_ps();
+  for (int64_t s = 0; s < L; ++s) {
+    const __m256 weight = _mm256_set1_ps(p[s]);
+    const float* value = values + slot_of[s] * stride + d0;
+    for (int c = 0; c < CHUNKS; ++c) acc[c] = _mm256_fmadd_ps(weight, _mm256_loadu_ps(value + 8 * c), acc[c]);
+  }
+  for (int c = 0; c < CHUNKS; ++c) _mm256_storeu_ps(out + d0 + 8 * c, acc[c]);
+}
+
+void weigh_values(const float* p, const float* values, const int64_t* slot_of, int64_t L, int64_t stride,
+                  int64_t D, float* out) {
+  int64_t d0 = 0;
+  for (; d0 + 64 <= D; d0 += 64) weigh_values_tile<8>(p, values, slot_of, L, stride, d0, out);
+  for (; d0 + 8 <= D; d0 += 8) weigh_values_tile<1>(p, values, slot_of, L, stride, d0, out);
+  if (d0 == D) return;
+  std::fill(out + d0, out + D, 0.f);
+  for (int64_t s = 0; s < L; ++s) {
+    const float* value = values + slot_of[s] * stride;
+    for (int64_t d = d0; d < D; ++d) out[d] += p[s] * value[d];
+  }
 }
 
 // q [B, Hq, D]; caches [slots, Hkv, D]; block_tables [B, W] (int64); lengths [B]: context length per row,
@@ -71,29 +134,20 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
     std::vector<int64_t> slot_of;
     for (int64_t index = begin; index < end; ++index) {
       const int64_t b = index / Hkv, h = index % Hkv, L = lens[b];
-      scores.assign(G * L, 0.f);
+      scores.resize(L);
       slot_of.resize(L);
       for (int64_t s = 0; s < L; ++s) {
         const int64_t block = tables[b * W + s / block_size];
         slot_of[s] = block * block_size + s % block_size;
         TORCH_CHECK(slot_of[s] >= 0 && slot_of[s] < slots, "block table points outside the cache");
       }
-      for (int64_t s = 0; s < L; ++s) {
-        const float* key = kp + (slot_of[s] * Hkv + h) * D;
-        for (int64_t g = 0; g < G; ++g) scores[g * L + s] = dot(qp + b * q_row + (h * G + g) * q_head, key, D) * factor;
-      }
+      // Each query head of the group in turn: its keys and values (L x D floats) stay in L2 between heads.
       for (int64_t g = 0; g < G; ++g) {
-        float* row = scores.data() + g * L;
-        const float peak = *std::max_element(row, row + L);
-        float total = 0.f;
-        for (int64_t s = 0; s < L; ++s) total += (row[s] = std::exp(row[s] - peak));
-        const float inverse = 1.f / total;
-        for (int64_t s = 0; s < L; ++s) row[s] *= inverse;
-        std::fill(op + (b * Hq + h * G + g) * D, op + (b * Hq + h * G + g + 1) * D, 0.f);
-      }
-      for (int64_t s = 0; s < L; ++s) {
-        const float* value = vp + (slot_of[s] * Hkv + h) * D;
-        for (int64_t g = 0; g < G; ++g) axpy(scores[g * L + s], value, op + (b * Hq + h * G + g) * D, D);
+        const int64_t head = h * G + g;
+        score_keys(qp + b * q_row + head * q_head, kp + h * D, slot_of.data(), L, Hkv * D, D, factor,
+                   scores.data());
+        softmax(scores.data(), L);
+        weigh_values(scores.data(), vp + h * D, slot_of.data(), L, Hkv * D, D, op + (b * Hq + head) * D);
       }
     }
   });

@@ -11,6 +11,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "simd.h"
+
 namespace {
 
 void check_rows(const at::Tensor& x, const at::Tensor& weight) {
@@ -106,7 +108,14 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
     for (int64_t t = begin; t < end; ++t) {
       const float* gate = in + t * 2 * I;
       const float* up = gate + I;
-      for (int64_t i = 0; i < I; ++i) out[t * I + i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+      int64_t i = 0;
+      for (; i + 8 <= I; i += 8) {
+        const __m256 g = _mm256_loadu_ps(gate + i);
+        const __m256 e = tokenmill::exp256(_mm256_sub_ps(_mm256_setzero_ps(), g));
+        const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), e));
+        _mm256_storeu_ps(out + t * I + i, _mm256_mul_ps(silu, _mm256_loadu_ps(up + i)));
+      }
+      for (; i < I; ++i) out[t * I + i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
     }
   });
   return y;
