@@ -238,21 +238,13 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_roofline(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
-
-    from tokenmill.bench.roofline import markdown_report, plot_roofline, run_roofline
+    from tokenmill.bench.roofline import run_roofline, write_report
 
     batches = tuple(int(b) for b in args.batches.split(","))
-    result = run_roofline(args.model, args.threads, batches, args.prompt_len, args.steps)
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "roofline.json").write_text(json.dumps(result, indent=2))
-    report = markdown_report(result)
-    (out / "roofline.md").write_text(report)
-    plot_roofline(result, out / "roofline.png")
-    print(report)
-    print(f"wrote {out / 'roofline.json'}, roofline.md, roofline.png")
+    formats = tuple(_quantization(q) for q in args.quantization.split(",") if q) or (None,)
+    result = run_roofline(args.model, args.threads, batches, args.prompt_len, args.steps, formats)
+    print(write_report(result, args.out_dir))
+    print(f"wrote roofline.json, roofline.md, roofline.png in {args.out_dir}")
     return 0
 
 
@@ -373,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     roofline.add_argument("--batches", default="1,8,32,64")
     roofline.add_argument("--prompt-len", type=int, default=128)
     roofline.add_argument("--steps", type=int, default=8)
+    roofline.add_argument(
+        "--quantization", default="none", help="weight formats, comma list of none, int8, int4"
+    )
     roofline.add_argument("--out-dir", default="results")
     roofline.set_defaults(func=cmd_bench_roofline)
     quality = bench.add_parser("quality", help="perplexity and greedy agreement of fp32/int8/int4 weights")

@@ -63,6 +63,8 @@ def test_roofline_command_smoke(tiny_models, tmp_path):
             "16",
             "--steps",
             "3",
+            "--quantization",
+            "none,int8",
             "--out-dir",
             str(tmp_path),
         ],
@@ -72,6 +74,16 @@ def test_roofline_command_smoke(tiny_models, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "roofline.json").read_text())
-    assert [r["batch"] for r in report["rows"]] == [1, 4]
-    assert all(r["measured_ms"] > 0 and r["roofline_ms"] > 0 for r in report["rows"])
+    assert [(r["format"], r["batch"]) for r in report["rows"]] == [
+        ("fp32", 1),
+        ("fp32", 4),
+        ("int8", 1),
+        ("int8", 4),
+    ]
+    for row in report["rows"]:
+        assert row["measured_ms"] > 0 and row["roofline_ms"] > 0, row
+        # The model's parts are each measured: the matmuls, attention and dispatch all cost something.
+        assert row["linear_ms"] > 0 and row["attention_ms"] > 0 and row["dispatch_overhead_ms"] > 0, row
+    fp32, int8 = report["rows"][0], report["rows"][2]
+    assert int8["weight_mb"] < fp32["weight_mb"] / 2  # int8 weights are read, not fp32 copies
     assert (tmp_path / "roofline.png").stat().st_size > 1000

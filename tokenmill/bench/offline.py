@@ -163,11 +163,11 @@ def _tokenmill_results(
     for name, prompts in sets.items():
         results.append(bench_tokenmill(llm, prompts, output_len, _scenario(name, prompts, output_len)))
     if batch_sizes:
-        from tokenmill.bench.batch_sweep import run_batch_sweep, write_sweep
+        from tokenmill.bench.roofline import roofline_for_engine, write_report
 
-        sweep = run_batch_sweep(llm.engine, batch_sizes, input_len)
+        sweep = roofline_for_engine(llm.engine, batch_sizes, input_len)
         if out_dir is not None:
-            write_sweep(sweep, out_dir)
+            write_report(sweep, out_dir, "offline_sweep")
     label = "fp32" if quantization in ("none", "fp32") else quantization
     for result in results:
         result.system = f"tokenmill {label}" + (f" (speculative {speculative})" if speculative else "")

@@ -7,8 +7,10 @@ the batch where the two meet is where batching stops being free.
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -156,7 +158,7 @@ def as_dict(obj) -> dict:
 
 
 def measure_decode_steps(engine, batches: tuple[int, ...], prompt_len: int, steps: int) -> dict[int, float]:
-    """Mean seconds per pure-decode step at each batch size (prefill excluded), on a running engine."""
+    """Median seconds per pure-decode step at each batch size (prefill excluded), on a running engine."""
     from tokenmill.sampling import SamplingParams
 
     vocab = engine.model_config.vocab_size
@@ -172,10 +174,12 @@ def measure_decode_steps(engine, batches: tuple[int, ...], prompt_len: int, step
         ):
             engine.step()
         engine.step()
-        start = time.perf_counter()
+        times = []
         for _ in range(steps):
+            start = time.perf_counter()
             engine.step()
-        results[batch] = (time.perf_counter() - start) / steps
+            times.append(time.perf_counter() - start)
+        results[batch] = statistics.median(times)  # one step stalled by another process must not count
         while engine.has_unfinished_requests():
             engine.step()
     return results
@@ -237,8 +241,113 @@ def dispatch_overhead_probe(
     return measure_decode_steps(probe, batches, prompt_len, steps)
 
 
-def _nearest(table: dict[int, float], batch: int) -> float:
-    return table[min(table, key=lambda b: abs(b - batch))]
+def measure_linears(model, batches: tuple[int, ...], repeats: int = 3) -> dict[int, float]:
+    """Seconds one decode step spends in matmuls (every layer's and the LM head), through the engine's own
+    layers and weights in their loaded format. The weights are hundreds of MB, so they come from memory as
+    in a real step: at batch 1 this is the kernel's achieved bandwidth, at large batches its FLOP/s."""
+    linears = [
+        linear for layer in model.layers for linear in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)
+    ] + [model.lm_head]
+    inputs = {}
+    results = {}
+    with torch.inference_mode():
+        for batch in batches:
+            for linear in linears:
+                if (batch, linear.in_features) not in inputs:
+                    inputs[batch, linear.in_features] = torch.randn(batch, linear.in_features)
+            results[batch] = _best_time(
+                lambda b=batch: [linear(inputs[b, linear.in_features]) for linear in linears], repeats
+            )
+    return results
+
+
+def measure_attention(cfg: ModelConfig, batches: tuple[int, ...], context: int, block_size: int = 16) -> dict:
+    """Seconds of decode attention per step (all layers) reading `context` keys per sequence from a paged
+    cache with scattered blocks, through the engine's attention op."""
+    from tokenmill.layers.attention import AttentionContext, paged_attention
+
+    results = {}
+    for batch in batches:
+        blocks = -(-context // block_size)
+        pool = batch * blocks + 1
+        k_cache = torch.randn(pool * block_size, cfg.num_kv_heads, cfg.head_dim)
+        v_cache = torch.randn_like(k_cache)
+        tables = torch.randperm(pool)[: batch * blocks].reshape(batch, blocks)
+        ctx = AttentionContext(
+            slot_mapping=torch.zeros(0, dtype=torch.long),
+            num_decode=batch,
+            decode_block_tables=tables,
+            decode_lengths=torch.full((batch,), context),
+            block_size=block_size,
+        )
+        q = torch.randn(batch, cfg.num_heads, cfg.head_dim)
+        empty = torch.zeros(0, cfg.num_kv_heads, cfg.head_dim)
+        run = partial(paged_attention, q, empty, empty, k_cache, v_cache, ctx, cfg.head_dim**-0.5)
+        with torch.inference_mode():
+            results[batch] = _best_time(run, 5) * cfg.num_layers
+    return results
+
+
+def decode_rows(
+    engine, machine: MachineLimits, batches: tuple[int, ...], prompt_len: int, steps: int, dispatch: dict
+) -> list[dict]:
+    """Per batch size: the measured decode step, the roofline bound from the machine's peaks, and a model
+    built from what this engine's parts achieve (matmuls + attention + per-op dispatch) to check it."""
+    cfg = engine.model_config
+    model = engine.model
+    params, _ = parameter_counts(cfg)
+    bytes_per_param = model.weight_bytes / params
+    context = prompt_len + steps // 2 + 1
+    measured = measure_decode_steps(engine, batches, prompt_len, steps)
+    linears = measure_linears(model, batches)
+    attention = measure_attention(cfg, batches, context, engine.config.block_size)
+    peak = max(machine.peak_gflops, max(2 * b * params / t / 1e9 for b, t in linears.items()))
+    rows = []
+    for batch in batches:
+        bound = predict_decode_step(cfg, batch, context, machine.read_gbs, peak, bytes_per_param)
+        modelled = linears[batch] + attention[batch] + dispatch[batch]
+        rows.append(
+            {
+                "format": engine.config.quantization or "fp32",
+                "batch": batch,
+                "context": context,
+                "measured_ms": measured[batch] * 1e3,
+                "measured_tok_s": batch / measured[batch],
+                "memory_ms": bound.memory_seconds * 1e3,
+                "compute_ms_at_peak": bound.compute_seconds * 1e3,
+                "roofline_ms": bound.bound_seconds * 1e3,
+                "roofline_tok_s": bound.tokens_per_second,
+                "achieved_pct_of_roofline": 100 * bound.bound_seconds / measured[batch],
+                "peak_gflops": peak,
+                "linear_ms": linears[batch] * 1e3,
+                "kernel_gbs": model.weight_bytes / linears[batch] / 1e9,
+                "kernel_gflops": 2 * batch * params / linears[batch] / 1e9,
+                "attention_ms": attention[batch] * 1e3,
+                "dispatch_overhead_ms": dispatch[batch] * 1e3,
+                "modelled_ms": modelled * 1e3,
+                "model_error_pct": 100 * (modelled - measured[batch]) / measured[batch],
+                "weight_mb": bound.weight_bytes / 1e6,
+                "kv_mb": bound.kv_bytes / 1e6,
+                "gflop": bound.flops / 1e9,
+                "crossover_batch": crossover_batch(peak, machine.read_gbs, bytes_per_param),
+            }
+        )
+    return rows
+
+
+def roofline_for_engine(engine, batches: tuple[int, ...], prompt_len: int, steps: int = 8) -> dict:
+    """The roofline report for one loaded engine (its weight format)."""
+    cfg = engine.model_config
+    threads = engine.config.resolved_threads()
+    machine = measure_machine(cfg, threads, tuple(sorted(set(batches) | {256})))
+    dispatch = dispatch_overhead_probe(engine, batches, prompt_len, steps)
+    return {
+        "model": cfg.name,
+        "threads": threads,
+        "machine": asdict(machine),
+        "matmul_parameters": parameter_counts(cfg)[0],
+        "rows": decode_rows(engine, machine, batches, prompt_len, steps, dispatch),
+    }
 
 
 def run_roofline(
@@ -247,53 +356,30 @@ def run_roofline(
     batches: tuple[int, ...] = (1, 8, 32, 64),
     prompt_len: int = 128,
     steps: int = 8,
+    quantizations: tuple[str | None, ...] = (None,),
 ) -> dict:
-    """Measure the machine, predict each decode step, measure the engine, and compare."""
+    """Measure the machine once, then each weight format's decode steps against its bound."""
+    import gc
+
     from tokenmill.config import EngineConfig
     from tokenmill.engine.engine import LLMEngine
 
-    engine = LLMEngine(EngineConfig(model=model, num_threads=threads, max_num_seqs=max(batches)))
-    threads = engine.config.resolved_threads()
-    cfg = engine.model_config
-    machine = measure_machine(cfg, threads, tuple(sorted(set(batches) | {256})))
-    measured = measure_decode_steps(engine, batches, prompt_len, steps)
-    overhead = dispatch_overhead_probe(engine, batches, prompt_len, steps)
-    context = prompt_len + steps // 2 + 1
-    rows = []
-    for batch in batches:
-        peak = predict_decode_step(cfg, batch, context, machine.read_gbs, machine.peak_gflops)
-        at_batch = predict_decode_step(
-            cfg, batch, context, machine.read_gbs, _nearest(machine.matmul_gflops, batch)
+    result = None
+    for quantization in quantizations:
+        engine = LLMEngine(
+            EngineConfig(
+                model=model, num_threads=threads, max_num_seqs=max(batches), quantization=quantization
+            )
         )
-        modelled = at_batch.bound_seconds + overhead[batch]
-        rows.append(
-            {
-                "batch": batch,
-                "context": context,
-                "measured_ms": measured[batch] * 1e3,
-                "measured_tok_s": batch / measured[batch],
-                "memory_ms": peak.memory_seconds * 1e3,
-                "compute_ms_at_peak": peak.compute_seconds * 1e3,
-                "roofline_ms": peak.bound_seconds * 1e3,
-                "achieved_pct_of_roofline": 100 * peak.bound_seconds / measured[batch],
-                "compute_ms_at_batch_flops": at_batch.compute_seconds * 1e3,
-                "dispatch_overhead_ms": overhead[batch] * 1e3,
-                "modelled_ms": modelled * 1e3,
-                "model_error_pct": 100 * (modelled - measured[batch]) / measured[batch],
-                "weight_mb": peak.weight_bytes / 1e6,
-                "kv_mb": peak.kv_bytes / 1e6,
-                "gflop": peak.flops / 1e9,
-            }
-        )
-    total, active = parameter_counts(cfg)
-    return {
-        "model": cfg.name,
-        "threads": threads,
-        "machine": asdict(machine),
-        "matmul_parameters": total,
-        "crossover_batch_fp32": crossover_batch(machine.peak_gflops, machine.read_gbs, 4.0, total / active),
-        "rows": rows,
-    }
+        if result is None:
+            result = roofline_for_engine(engine, batches, prompt_len, steps)
+            machine = MachineLimits(**result["machine"])
+            dispatch = {r["batch"]: r["dispatch_overhead_ms"] / 1e3 for r in result["rows"]}
+        else:
+            result["rows"] += decode_rows(engine, machine, batches, prompt_len, steps, dispatch)
+        del engine
+        gc.collect()
+    return result
 
 
 def markdown_report(result: dict) -> str:
@@ -302,46 +388,82 @@ def markdown_report(result: dict) -> str:
     lines = [
         f"Model {result['model']}, {result['threads']} threads. Read bandwidth {m['read_gbs']:.1f} GB/s "
         f"({m['read_gbs_1thread']:.1f} on 1 thread), triad {m['triad_gbs']:.1f} GB/s; "
-        f"fp32 matmul GFLOP/s {flops}. "
-        f"Crossover batch (fp32 weights): {result['crossover_batch_fp32']:.0f}.",
+        f"MKL fp32 matmul GFLOP/s (cache-warm) {flops}.",
         "",
-        "| batch | measured ms | tok/s | memory ms | compute ms (peak) | roofline ms | achieved | "
-        "compute ms (at batch) | dispatch ms | modelled ms | model error |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "Roofline = max(bytes / read bandwidth, FLOPs / peak FLOP/s), peak = the best of MKL and our "
+        "kernels. Model = the engine's matmuls (measured over the real weights) + decode attention + "
+        "per-op dispatch (the same step on a model with tiny widths).",
+        "",
+        "| format | batch | measured ms | tok/s | memory ms | compute ms | roofline ms | achieved | "
+        "matmul ms | kernel GB/s | kernel GFLOP/s | attention ms | dispatch ms | modelled ms | model error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
-            f"| {r['batch']} | {r['measured_ms']:.1f} | {r['measured_tok_s']:.1f} | {r['memory_ms']:.1f} | "
-            f"{r['compute_ms_at_peak']:.1f} | {r['roofline_ms']:.1f} | "
-            f"{r['achieved_pct_of_roofline']:.0f}% | {r['compute_ms_at_batch_flops']:.1f} | "
-            f"{r['dispatch_overhead_ms']:.1f} | {r['modelled_ms']:.1f} | "
-            f"{r['model_error_pct']:+.0f}% |"
+            f"| {r['format']} | {r['batch']} | {r['measured_ms']:.1f} | {r['measured_tok_s']:.1f} | "
+            f"{r['memory_ms']:.1f} | {r['compute_ms_at_peak']:.1f} | {r['roofline_ms']:.1f} | "
+            f"{r['achieved_pct_of_roofline']:.0f}% | {r['linear_ms']:.1f} | {r['kernel_gbs']:.1f} | "
+            f"{r['kernel_gflops']:.0f} | {r['attention_ms']:.1f} | {r['dispatch_overhead_ms']:.1f} | "
+            f"{r['modelled_ms']:.1f} | {r['model_error_pct']:+.0f}% |"
         )
+    crossovers = {r["format"]: r["crossover_batch"] for r in result["rows"]}
+    lines += [
+        "",
+        "Crossover batch (memory time = compute time): "
+        + ", ".join(f"{name} {value:.1f}" for name, value in crossovers.items())
+        + ".",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def plot_roofline(result: dict, path) -> None:
+    """Step time and tok/s against batch size per weight format, each beside its roofline bound."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = result["rows"]
-    batches = [r["batch"] for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    left.plot(batches, [r["measured_ms"] for r in rows], "o-", label="measured step")
-    left.plot(batches, [r["roofline_ms"] for r in rows], "k--", label="roofline bound")
-    left.plot(batches, [r["memory_ms"] for r in rows], ":", label="bytes / bandwidth")
-    left.plot(batches, [r["compute_ms_at_peak"] for r in rows], ":", label="FLOPs / peak")
-    left.plot(batches, [r["modelled_ms"] for r in rows], "s-", alpha=0.6, label="model + dispatch")
+    formats = list(dict.fromkeys(r["format"] for r in result["rows"]))
+    for index, name in enumerate(formats):
+        rows = [r for r in result["rows"] if r["format"] == name]
+        batches = [r["batch"] for r in rows]
+        color = f"C{index}"
+        left.plot(batches, [r["measured_ms"] for r in rows], "o-", color=color, label=f"{name} measured")
+        left.plot(
+            batches, [r["modelled_ms"] for r in rows], "s:", color=color, alpha=0.6, label=f"{name} model"
+        )
+        left.plot(
+            batches, [r["roofline_ms"] for r in rows], "--", color=color, alpha=0.8, label=f"{name} roofline"
+        )
+        right.plot(batches, [r["measured_tok_s"] for r in rows], "o-", color=color, label=f"{name} measured")
+        right.plot(
+            batches,
+            [r["roofline_tok_s"] for r in rows],
+            "--",
+            color=color,
+            alpha=0.8,
+            label=f"{name} roofline",
+        )
     left.set(xscale="log", yscale="log", xlabel="batch size", ylabel="decode step (ms)", title="Step time")
-    left.legend(fontsize=8)
-    right.plot(batches, [r["measured_tok_s"] for r in rows], "o-", label="measured")
-    right.plot(batches, [r["batch"] / r["roofline_ms"] * 1e3 for r in rows], "k--", label="roofline")
-    right.axvline(result["crossover_batch_fp32"], color="grey", lw=0.8, label="crossover batch")
+    left.legend(fontsize=7)
     right.set(xscale="log", yscale="log", xlabel="batch size", ylabel="tokens / s", title="Decode throughput")
-    right.legend(fontsize=8)
-    fig.suptitle(f"{result['model']} on {result['threads']} threads (fp32)")
+    right.legend(fontsize=7)
+    fig.suptitle(f"{result['model']} decode on {result['threads']} threads")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def write_report(result: dict, out_dir, stem: str = "roofline") -> str:
+    """JSON, Markdown and PNG side by side; returns the Markdown."""
+    import json
+    from pathlib import Path
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    report = markdown_report(result)
+    (out / f"{stem}.md").write_text(report)
+    plot_roofline(result, out / f"{stem}.png")
+    return report

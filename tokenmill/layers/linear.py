@@ -46,6 +46,10 @@ class DenseLinear:
     def nbytes(self) -> int:
         return self.weight.nbytes
 
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_kernel and x.dim() == 2 and x.shape[0] <= DENSE_KERNEL_MAX_ROWS:
             y = torch.ops.tokenmill.fp32_linear(x, self.weight)
@@ -63,6 +67,10 @@ class _QuantizedLinear:
     @property
     def nbytes(self) -> int:
         return self.quantized.nbytes
+
+    @property
+    def in_features(self) -> int:
+        return self.quantized.in_features
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

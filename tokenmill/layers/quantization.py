@@ -24,6 +24,10 @@ class Int8Weight:
     def nbytes(self) -> int:
         return self.qweight.nbytes + self.scales.nbytes
 
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[1]
+
 
 @dataclass(slots=True)
 class Int4Weight:
@@ -35,6 +39,10 @@ class Int4Weight:
     @property
     def nbytes(self) -> int:
         return self.packed.nbytes + self.scales.nbytes + self.mins.nbytes
+
+    @property
+    def in_features(self) -> int:
+        return self.packed.shape[1] * 2
 
 
 def quantize_int8(weight: torch.Tensor) -> Int8Weight:
