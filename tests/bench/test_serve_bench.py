@@ -155,6 +155,7 @@ def test_launch_tokenmill_starts_measures_and_stops_its_own_server(tiny_models, 
     command = [sys.executable, "-m", "tokenmill.cli", "bench", "serve", "--launch", "tokenmill"]
     command += ["--launch-model", folder, "--launch-threads", "1", "--num-prompts", "3", "--input-len", "8"]
     command += ["--output-len", "4", "--vocab-size", "1000", "--out-dir", str(tmp_path)]
+    command += ["--launch-quantization", "int8"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     url = next(line.split(" at ")[1] for line in result.stdout.splitlines() if line.startswith("launched"))

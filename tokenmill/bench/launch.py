@@ -52,13 +52,16 @@ def _wait_healthy(process: subprocess.Popen, url: str, log: Path, timeout: float
 
 
 @contextmanager
-def tokenmill_server(model: str | None, threads: int | None, max_num_seqs: int, log: Path) -> Iterator[str]:
+def tokenmill_server(
+    model: str | None, threads: int | None, max_num_seqs: int, log: Path, quantization: str = "none"
+) -> Iterator[str]:
     """`tokenmill serve` in a child process; SIGINT (graceful drain) on exit, SIGKILL if it hangs."""
     port = _free_port()
     command = [sys.executable, "-m", "tokenmill.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
     command += ["--max-num-seqs", str(max_num_seqs), "--log-level", "warning"]
     command += ["--model", model] if model else []
     command += ["--threads", str(threads)] if threads else []
+    command += ["--quantization", quantization]
     url = f"http://127.0.0.1:{port}"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as handle:
@@ -84,10 +87,12 @@ def launched_server(
     parallel: int,
     context_per_request: int,
     log_dir: Path,
+    quantization: str = "none",
 ) -> Iterator[str]:
     """The base URL of a freshly started `kind` server for `model` (default SmolLM2), stopped on exit."""
     if kind == "tokenmill":
-        with tokenmill_server(model, threads, max(parallel, 1), log_dir / "tokenmill-serve.log") as url:
+        log = log_dir / "tokenmill-serve.log"
+        with tokenmill_server(model, threads, max(parallel, 1), log, quantization) as url:
             yield url
     elif kind == "llamacpp":
         from tokenmill.bench.llamacpp_peer import llama_server

@@ -322,7 +322,13 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     parallel = args.max_concurrency or args.num_prompts
     context = args.input_len + args.output_len
     with launched_server(
-        args.launch, args.launch_model, args.launch_threads, parallel, context, Path(args.out_dir)
+        args.launch,
+        args.launch_model,
+        args.launch_threads,
+        parallel,
+        context,
+        Path(args.out_dir),
+        args.launch_quantization,
     ) as url:
         print(f"launched {args.launch} at {url}")
         args.base_url = url
@@ -405,5 +411,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("--launch-model", default=None, help="model of the launched server (default SmolLM2)")
     parser.add_argument("--launch-threads", type=int, default=None, help="threads of the launched server")
+    parser.add_argument(
+        "--launch-quantization",
+        choices=("none", "int8", "int4"),
+        default="none",
+        help="weight format of a launched tokenmill server (llama-server runs the GGUF as stored)",
+    )
     parser.set_defaults(func=cmd_bench_serve)
     return parser
