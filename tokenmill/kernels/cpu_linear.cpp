@@ -337,7 +337,7 @@ at::Tensor quantized_linear(const at::Tensor& x_in, int64_t N, int64_t K, int64_
     at::parallel_for(0, N / kRows, 1, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) direct(p * kRows, xp, yp + p * kRows, M);
     });
-  } else if (!M >= outer_min_rows) {
+  } else if (M < outer_min_rows) {
     dot_linear(xp, M, N, K, yp, decode);
   } else {
     tiled_linear(xp, M, N, K, yp, scratch, pack_rows);
