@@ -7,7 +7,6 @@ the batch where the two meet is where batching stops being free.
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -158,16 +157,19 @@ def as_dict(obj) -> dict:
 
 
 def measure_decode_steps(engine, batches: tuple[int, ...], prompt_len: int, steps: int) -> dict[int, float]:
-    """Median seconds per pure-decode step at each batch size (prefill excluded), on a running engine."""
+    """Seconds of the fastest of `steps` pure-decode steps with exactly `batch` sequences decoding (prefill
+    excluded), on a running engine."""
     from tokenmill.sampling import SamplingParams
 
     vocab = engine.model_config.vocab_size
     results = {}
     for batch in batches:
-        params = SamplingParams(temperature=0, max_tokens=steps + 2, ignore_eos=True)
-        for i in range(batch):
+        # Room for every timed step: no sequence may finish inside the window and shrink the batch.
+        params = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
+        ids = [f"roofline-{batch}-{i}" for i in range(batch)]
+        for i, request_id in enumerate(ids):
             prompt = [(7 * i + j) % (vocab - 3) + 3 for j in range(prompt_len)]
-            engine.add_request(f"roofline-{batch}-{i}", prompt, params)
+            engine.add_request(request_id, prompt, params)
         while (
             any(s.num_computed_tokens < s.num_tokens - 1 for s in engine.scheduler.running)
             or engine.scheduler.waiting
@@ -179,7 +181,11 @@ def measure_decode_steps(engine, batches: tuple[int, ...], prompt_len: int, step
             start = time.perf_counter()
             engine.step()
             times.append(time.perf_counter() - start)
-        results[batch] = statistics.median(times)  # one step stalled by another process must not count
+        # The fastest step: on a shared machine slower ones measure the neighbours, and every part of the
+        # model below is a best-of too, so the comparison stays like for like.
+        results[batch] = min(times)
+        for request_id in ids:
+            engine.abort_request(request_id)
         while engine.has_unfinished_requests():
             engine.step()
     return results
@@ -241,7 +247,7 @@ def dispatch_overhead_probe(
     return measure_decode_steps(probe, batches, prompt_len, steps)
 
 
-def measure_linears(model, batches: tuple[int, ...], repeats: int = 3) -> dict[int, float]:
+def measure_linears(model, batches: tuple[int, ...], repeats: int = 5) -> dict[int, float]:
     """Seconds one decode step spends in matmuls (every layer's and the LM head), through the engine's own
     layers and weights in their loaded format. The weights are hundreds of MB, so they come from memory as
     in a real step: at batch 1 this is the kernel's achieved bandwidth, at large batches its FLOP/s."""
@@ -255,10 +261,13 @@ def measure_linears(model, batches: tuple[int, ...], repeats: int = 3) -> dict[i
             for linear in linears:
                 if (batch, linear.in_features) not in inputs:
                     inputs[batch, linear.in_features] = torch.randn(batch, linear.in_features)
-            results[batch] = _best_time(
-                lambda b=batch: [linear(inputs[b, linear.in_features]) for linear in linears], repeats
-            )
+            results[batch] = _best_time(partial(_run_linears, linears, inputs, batch), repeats)
     return results
+
+
+def _run_linears(linears: list, inputs: dict, batch: int) -> None:
+    for linear in linears:  # each output freed at once, as in a step (keeping them all costs page faults)
+        linear(inputs[batch, linear.in_features])
 
 
 def measure_attention(cfg: ModelConfig, batches: tuple[int, ...], context: int, block_size: int = 16) -> dict:
@@ -288,51 +297,75 @@ def measure_attention(cfg: ModelConfig, batches: tuple[int, ...], context: int, 
     return results
 
 
-def decode_rows(
-    engine, machine: MachineLimits, batches: tuple[int, ...], prompt_len: int, steps: int, dispatch: dict
-) -> list[dict]:
-    """Per batch size: the measured decode step, the roofline bound from the machine's peaks, and a model
-    built from what this engine's parts achieve (matmuls + attention + per-op dispatch) to check it."""
+def measure_format(engine, batches: tuple[int, ...], prompt_len: int, steps: int) -> dict:
+    """What one loaded engine (one weight format) achieves: whole decode steps, its matmuls alone, and
+    decode attention, each in seconds per step and batch size."""
     cfg = engine.model_config
-    model = engine.model
-    params, _ = parameter_counts(cfg)
-    bytes_per_param = model.weight_bytes / params
     context = prompt_len + steps // 2 + 1
-    measured = measure_decode_steps(engine, batches, prompt_len, steps)
-    linears = measure_linears(model, batches)
-    attention = measure_attention(cfg, batches, context, engine.config.block_size)
-    peak = max(machine.peak_gflops, max(2 * b * params / t / 1e9 for b, t in linears.items()))
+    measure_decode_steps(engine, (max(batches),), prompt_len, 2)  # warm-up: first-touch page faults, caches
+    return {
+        "format": engine.config.quantization or "fp32",
+        "weight_bytes": engine.model.weight_bytes,
+        "context": context,
+        "measured": measure_decode_steps(engine, batches, prompt_len, steps),
+        "linears": measure_linears(engine.model, batches),
+        "attention": measure_attention(cfg, batches, context, engine.config.block_size),
+    }
+
+
+def decode_rows(cfg: ModelConfig, machine: MachineLimits, formats: list[dict], dispatch: dict) -> list[dict]:
+    """Per format and batch size: the measured decode step, the roofline bound (read bandwidth, and the best
+    FLOP/s any matmul here reached: MKL's or one of our kernels'), and a model built from what the engine's
+    parts achieve (matmuls + attention + per-op dispatch) that should add up to the measured step."""
+    params, _ = parameter_counts(cfg)
+    kernel_peak = max(2 * b * params / t / 1e9 for f in formats for b, t in f["linears"].items())
+    peak = max(machine.peak_gflops, kernel_peak)
     rows = []
-    for batch in batches:
-        bound = predict_decode_step(cfg, batch, context, machine.read_gbs, peak, bytes_per_param)
-        modelled = linears[batch] + attention[batch] + dispatch[batch]
-        rows.append(
-            {
-                "format": engine.config.quantization or "fp32",
-                "batch": batch,
-                "context": context,
-                "measured_ms": measured[batch] * 1e3,
-                "measured_tok_s": batch / measured[batch],
-                "memory_ms": bound.memory_seconds * 1e3,
-                "compute_ms_at_peak": bound.compute_seconds * 1e3,
-                "roofline_ms": bound.bound_seconds * 1e3,
-                "roofline_tok_s": bound.tokens_per_second,
-                "achieved_pct_of_roofline": 100 * bound.bound_seconds / measured[batch],
-                "peak_gflops": peak,
-                "linear_ms": linears[batch] * 1e3,
-                "kernel_gbs": model.weight_bytes / linears[batch] / 1e9,
-                "kernel_gflops": 2 * batch * params / linears[batch] / 1e9,
-                "attention_ms": attention[batch] * 1e3,
-                "dispatch_overhead_ms": dispatch[batch] * 1e3,
-                "modelled_ms": modelled * 1e3,
-                "model_error_pct": 100 * (modelled - measured[batch]) / measured[batch],
-                "weight_mb": bound.weight_bytes / 1e6,
-                "kv_mb": bound.kv_bytes / 1e6,
-                "gflop": bound.flops / 1e9,
-                "crossover_batch": crossover_batch(peak, machine.read_gbs, bytes_per_param),
-            }
-        )
+    for f in formats:
+        bytes_per_param = f["weight_bytes"] / params
+        for batch, measured in f["measured"].items():
+            bound = predict_decode_step(cfg, batch, f["context"], machine.read_gbs, peak, bytes_per_param)
+            linear, attention = f["linears"][batch], f["attention"][batch]
+            modelled = linear + attention + dispatch[batch]
+            rows.append(
+                {
+                    "format": f["format"],
+                    "batch": batch,
+                    "context": f["context"],
+                    "measured_ms": measured * 1e3,
+                    "measured_tok_s": batch / measured,
+                    "memory_ms": bound.memory_seconds * 1e3,
+                    "compute_ms_at_peak": bound.compute_seconds * 1e3,
+                    "roofline_ms": bound.bound_seconds * 1e3,
+                    "roofline_tok_s": bound.tokens_per_second,
+                    "achieved_pct_of_roofline": 100 * bound.bound_seconds / measured,
+                    "peak_gflops": peak,
+                    "linear_ms": linear * 1e3,
+                    "kernel_gbs": f["weight_bytes"] / linear / 1e9,
+                    "kernel_gflops": 2 * batch * params / linear / 1e9,
+                    "attention_ms": attention * 1e3,
+                    "dispatch_overhead_ms": dispatch[batch] * 1e3,
+                    "modelled_ms": modelled * 1e3,
+                    "model_error_pct": 100 * (modelled - measured) / measured,
+                    "weight_mb": bound.weight_bytes / 1e6,
+                    "kv_mb": bound.kv_bytes / 1e6,
+                    "gflop": bound.flops / 1e9,
+                    "crossover_batch": crossover_batch(peak, machine.read_gbs, bytes_per_param),
+                }
+            )
     return rows
+
+
+def _report(
+    cfg: ModelConfig, threads: int, machine: MachineLimits, formats: list[dict], dispatch: dict
+) -> dict:
+    return {
+        "model": cfg.name,
+        "threads": threads,
+        "machine": asdict(machine),
+        "matmul_parameters": parameter_counts(cfg)[0],
+        "rows": decode_rows(cfg, machine, formats, dispatch),
+    }
 
 
 def roofline_for_engine(engine, batches: tuple[int, ...], prompt_len: int, steps: int = 8) -> dict:
@@ -341,13 +374,7 @@ def roofline_for_engine(engine, batches: tuple[int, ...], prompt_len: int, steps
     threads = engine.config.resolved_threads()
     machine = measure_machine(cfg, threads, tuple(sorted(set(batches) | {256})))
     dispatch = dispatch_overhead_probe(engine, batches, prompt_len, steps)
-    return {
-        "model": cfg.name,
-        "threads": threads,
-        "machine": asdict(machine),
-        "matmul_parameters": parameter_counts(cfg)[0],
-        "rows": decode_rows(engine, machine, batches, prompt_len, steps, dispatch),
-    }
+    return _report(cfg, threads, machine, [measure_format(engine, batches, prompt_len, steps)], dispatch)
 
 
 def run_roofline(
@@ -358,28 +385,27 @@ def run_roofline(
     steps: int = 8,
     quantizations: tuple[str | None, ...] = (None,),
 ) -> dict:
-    """Measure the machine once, then each weight format's decode steps against its bound."""
+    """Measure the machine once, then each weight format's decode steps against one bound."""
     import gc
 
     from tokenmill.config import EngineConfig
     from tokenmill.engine.engine import LLMEngine
 
-    result = None
+    formats, machine, dispatch = [], None, None
     for quantization in quantizations:
         engine = LLMEngine(
             EngineConfig(
                 model=model, num_threads=threads, max_num_seqs=max(batches), quantization=quantization
             )
         )
-        if result is None:
-            result = roofline_for_engine(engine, batches, prompt_len, steps)
-            machine = MachineLimits(**result["machine"])
-            dispatch = {r["batch"]: r["dispatch_overhead_ms"] / 1e3 for r in result["rows"]}
-        else:
-            result["rows"] += decode_rows(engine, machine, batches, prompt_len, steps, dispatch)
+        if machine is None:
+            cfg, threads = engine.model_config, engine.config.resolved_threads()
+            machine = measure_machine(cfg, threads, tuple(sorted(set(batches) | {256})))
+            dispatch = dispatch_overhead_probe(engine, batches, prompt_len, steps)
+        formats.append(measure_format(engine, batches, prompt_len, steps))
         del engine
         gc.collect()
-    return result
+    return _report(cfg, threads, machine, formats, dispatch)
 
 
 def markdown_report(result: dict) -> str:
