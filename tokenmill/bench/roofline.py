@@ -152,10 +152,6 @@ def crossover_batch(
     return (gflops / bandwidth_gbs) * bytes_per_param / 2 * total_over_active
 
 
-def as_dict(obj) -> dict:
-    return asdict(obj)
-
-
 def measure_decode_steps(engine, batches: tuple[int, ...], prompt_len: int, steps: int) -> dict[int, float]:
     """Seconds of the fastest of `steps` pure-decode steps with exactly `batch` sequences decoding (prefill
     excluded), on a running engine."""
@@ -368,13 +364,19 @@ def _report(
     }
 
 
+def _machine_and_dispatch(engine, batches: tuple[int, ...], prompt_len: int, steps: int) -> tuple:
+    """What every format shares: the machine's limits and the per-step dispatch cost."""
+    machine = measure_machine(
+        engine.model_config, engine.config.resolved_threads(), tuple(sorted(set(batches) | {256}))
+    )
+    return machine, dispatch_overhead_probe(engine, batches, prompt_len, steps)
+
+
 def roofline_for_engine(engine, batches: tuple[int, ...], prompt_len: int, steps: int = 8) -> dict:
     """The roofline report for one loaded engine (its weight format)."""
-    cfg = engine.model_config
-    threads = engine.config.resolved_threads()
-    machine = measure_machine(cfg, threads, tuple(sorted(set(batches) | {256})))
-    dispatch = dispatch_overhead_probe(engine, batches, prompt_len, steps)
-    return _report(cfg, threads, machine, [measure_format(engine, batches, prompt_len, steps)], dispatch)
+    machine, dispatch = _machine_and_dispatch(engine, batches, prompt_len, steps)
+    formats = [measure_format(engine, batches, prompt_len, steps)]
+    return _report(engine.model_config, engine.config.resolved_threads(), machine, formats, dispatch)
 
 
 def run_roofline(
@@ -391,21 +393,20 @@ def run_roofline(
     from tokenmill.config import EngineConfig
     from tokenmill.engine.engine import LLMEngine
 
-    formats, machine, dispatch = [], None, None
+    formats, shared = [], None
     for quantization in quantizations:
         engine = LLMEngine(
             EngineConfig(
                 model=model, num_threads=threads, max_num_seqs=max(batches), quantization=quantization
             )
         )
-        if machine is None:
-            cfg, threads = engine.model_config, engine.config.resolved_threads()
-            machine = measure_machine(cfg, threads, tuple(sorted(set(batches) | {256})))
-            dispatch = dispatch_overhead_probe(engine, batches, prompt_len, steps)
+        if shared is None:
+            shared = _machine_and_dispatch(engine, batches, prompt_len, steps)
+            cfg, resolved = engine.model_config, engine.config.resolved_threads()
         formats.append(measure_format(engine, batches, prompt_len, steps))
         del engine
         gc.collect()
-    return _report(cfg, threads, machine, formats, dispatch)
+    return _report(cfg, resolved, shared[0], formats, shared[1])
 
 
 def markdown_report(result: dict) -> str:

@@ -29,6 +29,8 @@
 #include <cstring>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
 
 #define UNROLL _Pragma("GCC unroll 16")
@@ -36,12 +38,7 @@ namespace {
 constexpr int64_t kRows = 4;  // output rows per dot-product panel (one or two input rows); N must divide
 constexpr int64_t kAhead = 4 * kRows;  // software prefetch distance, in rows (measured: 2-4 panels)
 
-inline float horizontal_sum(__m256 v) {
-  __m128 low = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  low = _mm_hadd_ps(low, low);
-  low = _mm_hadd_ps(low, low);
-  return _mm_cvtss_f32(low);
-}
+using tokenmill::sum8;
 
 // panel: kRows rows of K floats, row stride `panel_stride`; x: rows of K floats, stride `x_stride`.
 template <int MB>
@@ -60,7 +57,7 @@ __attribute__((noinline)) void dot_tile(const float* panel, int64_t panel_stride
     }
   }
   UNROLL for (int m = 0; m < MB; ++m)
-    UNROLL for (int n = 0; n < kRows; ++n) y[m * y_stride + n] = horizontal_sum(acc[n][m]);
+    UNROLL for (int n = 0; n < kRows; ++n) y[m * y_stride + n] = sum8(acc[n][m]);
 }
 
 inline void run_dot_tiles(const float* panel, int64_t panel_stride, const float* x, int64_t M, int64_t K, float* y,
@@ -131,7 +128,7 @@ inline void int8_direct(const int8_t* q, const float* scales, const float* x, fl
     }
   }
   UNROLL for (int m = 0; m < MB; ++m)
-    UNROLL for (int n = 0; n < kRows; ++n) y[m * N + n] = horizontal_sum(acc[n][m]) * scales[n];
+    UNROLL for (int n = 0; n < kRows; ++n) y[m * N + n] = sum8(acc[n][m]) * scales[n];
 }
 
 template <int MB>
@@ -163,7 +160,7 @@ inline void int4_direct(const uint8_t* packed, const float* scales, const float*
     }
   }
   UNROLL for (int m = 0; m < MB; ++m)
-    UNROLL for (int n = 0; n < kRows; ++n) y[m * N + n] = horizontal_sum(acc[n][m]);
+    UNROLL for (int n = 0; n < kRows; ++n) y[m * N + n] = sum8(acc[n][m]);
 }
 
 // Up to this many input rows the direct kernels run; above it, decoding once per panel pays.
