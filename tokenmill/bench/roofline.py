@@ -247,9 +247,7 @@ def measure_linears(model, batches: tuple[int, ...], repeats: int = 5) -> dict[i
     """Seconds one decode step spends in matmuls (every layer's and the LM head), through the engine's own
     layers and weights in their loaded format. The weights are hundreds of MB, so they come from memory as
     in a real step: at batch 1 this is the kernel's achieved bandwidth, at large batches its FLOP/s."""
-    linears = [
-        linear for layer in model.layers for linear in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)
-    ] + [model.lm_head]
+    linears = model.linears
     inputs = {}
     results = {}
     with torch.inference_mode():

@@ -78,12 +78,15 @@ class LlamaModel:
         return make_linear(weight, bias, self.quantization, self.group_size)
 
     @property
+    def linears(self) -> list[Linear]:
+        """Every matmul a decode step runs, in order: each layer's four, then the LM head."""
+        per_layer = [(layer.qkv, layer.o_proj, layer.gate_up, layer.down) for layer in self.layers]
+        return [linear for four in per_layer for linear in four] + [self.lm_head]
+
+    @property
     def weight_bytes(self) -> int:
         """Bytes one decode step reads for the matmul weights (the roofline's numerator)."""
-        linears = [self.lm_head]
-        for layer in self.layers:
-            linears += [layer.qkv, layer.o_proj, layer.gate_up, layer.down]
-        return sum(linear.nbytes for linear in linears)
+        return sum(linear.nbytes for linear in self.linears)
 
     @torch.inference_mode()
     def forward(
