@@ -15,7 +15,7 @@ from tokenmill.layers.linear import DenseLinear, Int4Linear, Int8Linear
 from tokenmill.layers.quantization import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
 from tokenmill.sampling import SamplingParams
 
-ROWS = (1, 2, 3, 4, 7, 40)
+ROWS = (1, 2, 3, 4, 5, 7, 31, 32, 40)
 
 
 def test_kernels_build_on_this_machine():

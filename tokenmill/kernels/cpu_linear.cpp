@@ -1,15 +1,17 @@
 // Linear layers for small batches on an AVX2 CPU: y[M, N] = x[M, K] @ W[N, K]^T.
 //
 // Decode is memory-bound: each step reads every weight once, so the bytes per weight set the speed. These
-// kernels read int8 (1 byte) or packed int4 (half a byte) weights, widen them to fp32 in registers and use
-// fp32 FMAs, so the arithmetic stays fp32 while the memory traffic shrinks 4-8x. The fp32 kernel exists
-// because MKL's sgemv reaches only ~a third of the machine's bandwidth on two threads.
+// kernels read int8 (1 byte) or packed int4 (half a byte) weights, so the memory traffic shrinks 4-8x. The
+// fp32 kernel exists because MKL's sgemv reaches only ~a third of the machine's bandwidth on two threads.
+// Weights still ahead are prefetched into L2 (tokenmill::prefetch_l2).
 //
 // Shape of the work, by the number of input rows M:
-// - M <= 2 (decode of one sequence): memory-bound. Dot products along K straight from the weights, four
-//   output rows at a time; decoding into a buffer would cost more than the few FMAs per weight it feeds.
-// - A few rows: still mostly bound by reading the weights. Each 4-row panel is decoded once into an
-//   L1-resident row-major buffer and 4x3 tiles of dot products run over it (one horizontal sum per output).
+// - Few rows (decode of one or a few sequences; up to kInt8DirectMaxRows / kInt4DirectMaxRows): memory-bound.
+//   Activations are rounded to int16 (one scale per row) and the weights, widened to int16 in registers,
+//   meet them in vpmaddwd integer dot products along K, four output rows and two input rows at a time;
+//   scales apply to the integer sums. fp32 weights run the same shape of dot products with FMAs.
+// - Up to the outer-product crossover, int4: each 4-row panel is decoded once into an L1-resident fp32
+//   buffer and 4x3 tiles of dot products run over it (one horizontal sum per output).
 // - Many rows (a batched decode step): compute-bound, so the FMA units set the pace and every output must
 //   stay in a register for the whole of K. Output rows go sixteen at a time, stored K-major ([k][16], two
 //   vectors per k) in slices of K small enough to stay in L1 between packing and use; each block of up to six
@@ -38,10 +40,12 @@ namespace {
 constexpr int64_t kRows = 4;  // output rows per dot-product panel (one or two input rows); N must divide
 constexpr int64_t kAhead = 4 * kRows;  // software prefetch distance, in rows (measured: 2-4 panels)
 
+using tokenmill::prefetch_l2;
 using tokenmill::sum8;
 
 // panel: kRows rows of K floats, row stride `panel_stride`; x: rows of K floats, stride `x_stride`.
-template <int MB>
+// kStream: the panel is the weights in memory (not a decoded buffer), so fetch the panels ahead into L2.
+template <int MB, bool kStream>
 // Kept out of line: inlined into the panel loops it ran 5-20% slower (measured at 8 rows).
 __attribute__((noinline)) void dot_tile(const float* panel, int64_t panel_stride, const float* x,
                                         int64_t x_stride, float* y, int64_t y_stride, int64_t K) {
@@ -52,6 +56,7 @@ __attribute__((noinline)) void dot_tile(const float* panel, int64_t panel_stride
     __m256 xv[MB];
     UNROLL for (int m = 0; m < MB; ++m) xv[m] = _mm256_loadu_ps(x + m * x_stride + k);
     UNROLL for (int n = 0; n < kRows; ++n) {
+      if (kStream && k % 16 == 0) prefetch_l2(panel + (n + kAhead) * panel_stride + k);
       __m256 w = _mm256_loadu_ps(panel + n * panel_stride + k);
       UNROLL for (int m = 0; m < MB; ++m) acc[n][m] = _mm256_fmadd_ps(w, xv[m], acc[n][m]);
     }
@@ -60,12 +65,13 @@ __attribute__((noinline)) void dot_tile(const float* panel, int64_t panel_stride
     UNROLL for (int n = 0; n < kRows; ++n) y[m * y_stride + n] = sum8(acc[n][m]);
 }
 
+template <bool kStream>
 inline void run_dot_tiles(const float* panel, int64_t panel_stride, const float* x, int64_t M, int64_t K, float* y,
-                      int64_t N) {
+                          int64_t N) {
   int64_t m = 0;
-  for (; m + 3 <= M; m += 3) dot_tile<3>(panel, panel_stride, x + m * K, K, y + m * N, N, K);
-  if (M - m == 2) dot_tile<2>(panel, panel_stride, x + m * K, K, y + m * N, N, K);
-  if (M - m == 1) dot_tile<1>(panel, panel_stride, x + m * K, K, y + m * N, N, K);
+  for (; m + 3 <= M; m += 3) dot_tile<3, kStream>(panel, panel_stride, x + m * K, K, y + m * N, N, K);
+  if (M - m == 2) dot_tile<2, kStream>(panel, panel_stride, x + m * K, K, y + m * N, N, K);
+  if (M - m == 1) dot_tile<1, kStream>(panel, panel_stride, x + m * K, K, y + m * N, N, K);
 }
 
 inline __m256 widen_u8(__m128i bytes) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)); }
@@ -73,7 +79,7 @@ inline __m256 widen_u8(__m128i bytes) { return _mm256_cvtepi32_ps(_mm256_cvtepu8
 inline void decode_int8_row(const int8_t* q, float scale, float* out, int64_t K) {
   const __m256 s = _mm256_set1_ps(scale);
   for (int64_t k = 0; k < K; k += 8) {
-    if (k % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(q + kAhead * K + k), _MM_HINT_T0);
+    if (k % 64 == 0) prefetch_l2(q + kAhead * K + k);
     __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + k));
     __m256 values = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
     _mm256_storeu_ps(out + k, _mm256_mul_ps(values, s));
@@ -86,7 +92,7 @@ inline void decode_int4_row(const uint8_t* packed, const float* scales, const fl
                             float* out, int64_t K) {
   const __m128i mask = _mm_set1_epi8(0x0F);
   for (int64_t k = 0; k < K; k += 32) {
-    if (k % 128 == 0) _mm_prefetch(reinterpret_cast<const char*>(packed + kAhead * (K / 2) + k / 2), _MM_HINT_T0);
+    if (k % 128 == 0) prefetch_l2(packed + kAhead * (K / 2) + k / 2);
     const int64_t g = k / group;
     const __m256 s = _mm256_set1_ps(scales[g]);
     const __m256 z = _mm256_set1_ps(mins[g]);
@@ -100,79 +106,160 @@ inline void decode_int4_row(const uint8_t* packed, const float* scales, const fl
   }
 }
 
-// For one or two input rows decoding into a buffer costs more than it saves: widen the weights in
-// registers and multiply at once. int8 applies its row scale after the sum; int4 dequantises per group.
-template <int MB>
-inline void int8_direct(const int8_t* q, const float* scales, const float* x, float* y, int64_t N, int64_t K) {
-  // 32 weights per row per iteration from one 32-byte load, widened with register shuffles: on AMD
-  // cores vpmovsxbd from memory per 8 bytes ran at half this speed (measured).
-  __m256 acc[kRows][MB];
-  UNROLL for (int n = 0; n < kRows; ++n)
-    UNROLL for (int m = 0; m < MB; ++m) acc[n][m] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; k += 32) {
-    UNROLL for (int n = 0; n < kRows; ++n) {
-      // Rows are short (K bytes), too short for the hardware prefetcher to ramp up: fetch panels ahead.
-      _mm_prefetch(reinterpret_cast<const char*>(q + (n + kAhead) * K + k), _MM_HINT_T0);
-      __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + n * K + k));
-      __m128i low = _mm256_castsi256_si128(bytes);
-      __m128i high = _mm256_extracti128_si256(bytes, 1);
-      __m256 w[4] = {
-          _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(low)),
-          _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(low, 8))),
-          _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(high)),
-          _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(high, 8))),
-      };
-      UNROLL for (int m = 0; m < MB; ++m)
-        UNROLL for (int j = 0; j < 4; ++j)
-          acc[n][m] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(x + m * K + k + 8 * j), acc[n][m]);
+// A few input rows as int16 with one fp32 scale per row: x ~ xq * scale. With integer activations the
+// weights need widening only to int16, and vpmaddwd multiplies sixteen of them and adds pairs in one
+// instruction, against four instructions per eight weights to widen to fp32 and FMA. 16 bits keep the
+// rounding at 2^-16 of the row's largest value (SmolLM2's perplexity test bounds hold unchanged).
+struct Int16Rows {
+  std::vector<int16_t> q;  // [M, K]
+  std::vector<float> scale;  // [M]
+  // Sums of q over each `group` of a row ([M, K / group]), for int4's per-group minimum; empty otherwise.
+  std::vector<float> group_sums;
+};
+
+inline Int16Rows quantize_rows_int16(const float* x, int64_t M, int64_t K, int64_t group) {
+  Int16Rows rows;
+  rows.q.resize(M * K);
+  rows.scale.resize(M);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = x + m * K;
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    __m256 peak = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 8) peak = _mm256_max_ps(peak, _mm256_andnot_ps(sign, _mm256_loadu_ps(row + k)));
+    __m128 p = _mm_max_ps(_mm256_castps256_ps128(peak), _mm256_extractf128_ps(peak, 1));
+    p = _mm_max_ps(p, _mm_movehl_ps(p, p));
+    p = _mm_max_ss(p, _mm_shuffle_ps(p, p, 1));
+    const float largest = _mm_cvtss_f32(p);
+    rows.scale[m] = largest / 32767.f;
+    const __m256 inverse = _mm256_set1_ps(largest > 0 ? 32767.f / largest : 0.f);
+    int16_t* out = rows.q.data() + m * K;
+    for (int64_t k = 0; k < K; k += 16) {
+      // vcvtps2dq rounds to nearest even; packs interleaves 128-bit halves, the permute restores order.
+      const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + k), inverse));
+      const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + k + 8), inverse));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k),
+                          _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8));
     }
   }
-  UNROLL for (int m = 0; m < MB; ++m)
-    UNROLL for (int n = 0; n < kRows; ++n) y[m * N + n] = sum8(acc[n][m]) * scales[n];
+  if (group > 0) {
+    const int64_t groups = K / group;
+    rows.group_sums.resize(M * groups);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < groups; ++g) {
+        int64_t total = 0;
+        for (int64_t k = g * group; k < (g + 1) * group; ++k) total += rows.q[m * K + k];
+        rows.group_sums[m * groups + g] = static_cast<float>(total);
+      }
+  }
+  return rows;
 }
 
+// int32 sums stay exact over this many weights: per lane and 32 weights, four products of at most
+// 127 * 32767, so 64 steps reach 1.07e9 < 2^31. Longer rows flush to fp32 every chunk.
+constexpr int64_t kInt16Chunk = 2048;
+
+inline float sum8_epi32(__m256i v) { return sum8(_mm256_cvtepi32_ps(v)); }
+
+// For a few input rows decoding into a buffer costs more than it saves: widen the weights in registers and
+// multiply at once. Scales apply after the integer sums (int8: per row; int4: per group).
+// x rows m0 .. m0 + MB - 1 times four weight rows; y points at output (m0, n0).
+template <int MB>
+inline void int8_direct(const int8_t* q, const float* scales, const Int16Rows& x, int64_t m0, float* y,
+                        int64_t N, int64_t K) {
+  const int16_t* xq = x.q.data() + m0 * K;
+  float total[kRows][MB] = {};
+  for (int64_t k0 = 0; k0 < K; k0 += kInt16Chunk) {
+    const int64_t k1 = std::min(K, k0 + kInt16Chunk);
+    __m256i acc[kRows][MB];
+    UNROLL for (int n = 0; n < kRows; ++n)
+      UNROLL for (int m = 0; m < MB; ++m) acc[n][m] = _mm256_setzero_si256();
+    for (int64_t k = k0; k < k1; k += 32) {
+      __m256i xv[MB][2];
+      UNROLL for (int m = 0; m < MB; ++m) {
+        xv[m][0] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + k));
+        xv[m][1] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + k + 16));
+      }
+      UNROLL for (int n = 0; n < kRows; ++n) {
+        // Rows are short (K bytes), too short for the hardware prefetcher to ramp up: fetch panels ahead.
+        if (k % 64 == 0) prefetch_l2(q + (n + kAhead) * K + k);
+        const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + n * K + k));
+        const __m256i w0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(bytes));
+        const __m256i w1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(bytes, 1));
+        UNROLL for (int m = 0; m < MB; ++m) {
+          const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w0, xv[m][0]), _mm256_madd_epi16(w1, xv[m][1]));
+          acc[n][m] = _mm256_add_epi32(acc[n][m], p);
+        }
+      }
+    }
+    UNROLL for (int n = 0; n < kRows; ++n)
+      UNROLL for (int m = 0; m < MB; ++m) total[n][m] += sum8_epi32(acc[n][m]);
+  }
+  UNROLL for (int m = 0; m < MB; ++m)
+    UNROLL for (int n = 0; n < kRows; ++n) y[m * N + n] = total[n][m] * scales[n] * x.scale[m0 + m];
+}
+
+// w = q * scale + min per group: sum_k w_k x_k = scale * sum_k q_k x_k + min * sum_k x_k, and the second
+// sum is the same for every output row (Int16Rows::group_sums).
 template <int MB>
 inline void int4_direct(const uint8_t* packed, const float* scales, const float* mins, int64_t group,
-                        const float* x, float* y, int64_t N, int64_t K) {
+                        const Int16Rows& x, int64_t m0, float* y, int64_t N, int64_t K) {
+  const int16_t* xq = x.q.data() + m0 * K;
   const __m128i mask = _mm_set1_epi8(0x0F);
   const int64_t groups = K / group;
   __m256 acc[kRows][MB];
   UNROLL for (int n = 0; n < kRows; ++n)
     UNROLL for (int m = 0; m < MB; ++m) acc[n][m] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; k += 32) {
-    const int64_t g = k / group;
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256i sums[kRows][MB];
+    UNROLL for (int n = 0; n < kRows; ++n)
+      UNROLL for (int m = 0; m < MB; ++m) sums[n][m] = _mm256_setzero_si256();
+    for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
+      __m256i xv[MB][2];
+      UNROLL for (int m = 0; m < MB; ++m) {
+        xv[m][0] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + k));
+        xv[m][1] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + k + 16));
+      }
+      UNROLL for (int n = 0; n < kRows; ++n) {
+        if (k % 128 == 0) prefetch_l2(packed + (n + kAhead) * (K / 2) + k / 2);
+        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + n * (K / 2) + k / 2));
+        const __m256i w0 = _mm256_cvtepu8_epi16(_mm_and_si128(bytes, mask));
+        const __m256i w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask));
+        UNROLL for (int m = 0; m < MB; ++m) {
+          const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w0, xv[m][0]), _mm256_madd_epi16(w1, xv[m][1]));
+          sums[n][m] = _mm256_add_epi32(sums[n][m], p);
+        }
+      }
+    }
     UNROLL for (int n = 0; n < kRows; ++n) {
       const __m256 s = _mm256_set1_ps(scales[n * groups + g]);
-      const __m256 z = _mm256_set1_ps(mins[n * groups + g]);
-      _mm_prefetch(reinterpret_cast<const char*>(packed + (n + kAhead) * (K / 2) + k / 2), _MM_HINT_T0);
-      __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + n * (K / 2) + k / 2));
-      __m128i low = _mm_and_si128(bytes, mask);
-      __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-      __m256 w[4] = {
-          _mm256_fmadd_ps(widen_u8(low), s, z),
-          _mm256_fmadd_ps(widen_u8(_mm_srli_si128(low, 8)), s, z),
-          _mm256_fmadd_ps(widen_u8(high), s, z),
-          _mm256_fmadd_ps(widen_u8(_mm_srli_si128(high, 8)), s, z),
-      };
-      UNROLL for (int m = 0; m < MB; ++m)
-        UNROLL for (int j = 0; j < 4; ++j)
-          acc[n][m] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(x + m * K + k + 8 * j), acc[n][m]);
+      UNROLL for (int m = 0; m < MB; ++m) acc[n][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[n][m]), s, acc[n][m]);
     }
   }
-  UNROLL for (int m = 0; m < MB; ++m)
-    UNROLL for (int n = 0; n < kRows; ++n) y[m * N + n] = sum8(acc[n][m]);
+  UNROLL for (int m = 0; m < MB; ++m) {
+    const float* group_sums = x.group_sums.data() + (m0 + m) * groups;
+    UNROLL for (int n = 0; n < kRows; ++n) {
+      const float* row_mins = mins + n * groups;
+      float offset = 0.f;
+      for (int64_t g = 0; g < groups; ++g) offset += row_mins[g] * group_sums[g];
+      y[m * N + n] = (sum8(acc[n][m]) + offset) * x.scale[m0 + m];
+    }
+  }
 }
 
 // Up to this many input rows the direct kernels run; above it, decoding once per panel pays.
-constexpr int64_t kDirectMaxRows = 2;
+// int8 stays on them up to 31 rows (two input rows per pass, the 4-row weight panel re-read from L1): at
+// 3-24 rows 15-40% faster than decoding panels for the dot tiles (measured on SmolLM2's shapes, two
+// threads). int4's per-group scaling makes each pass dearer, so it hands over after 4 rows.
+// layers/linear.py mirrors these (the fallback rounds activations the same way).
+constexpr int64_t kInt8DirectMaxRows = 31, kInt4DirectMaxRows = 4;
 
 constexpr int64_t kPanel = 16;  // output rows per panel of the outer-product path: two vectors
 constexpr int64_t kTileRows = 6;  // input rows per tile: 12 accumulators + 2 weights + 1 broadcast registers
 constexpr int64_t kSlice = 256;  // K per packed slice
 // From this many input rows on the outer-product tiles beat the dot-product tiles (measured on 576-3072 x
-// 576-1536 weights, one thread): below, packing costs more than the horizontal sums it saves. fp32 packs
-// by transposing straight from memory, the dearest; int8 widens inside the transpose, the cheapest.
-constexpr int64_t kFp32OuterMinRows = 48, kInt8OuterMinRows = 16, kInt4OuterMinRows = 32;
+// 576-1536 weights): below, packing costs more than the horizontal sums it saves. fp32 packs by transposing
+// straight from memory, the dearest.
+constexpr int64_t kFp32OuterMinRows = 48, kInt8OuterMinRows = 32, kInt4OuterMinRows = 32;
 
 // r[j] lane i <- r[i] lane j.
 inline void transpose8(__m256* r) {
@@ -314,25 +401,29 @@ void dot_linear(const float* x, int64_t M, int64_t N, int64_t K, float* y, Decod
     for (int64_t p = begin; p < end; ++p) {
       const int64_t n0 = p * kRows;
       for (int64_t r = 0; r < kRows; ++r) decode(n0 + r, panel.data() + r * K);
-      run_dot_tiles(panel.data(), K, x, M, K, y + n0, N);
+      run_dot_tiles<false>(panel.data(), K, x, M, K, y + n0, N);
     }
   });
 }
 
-// direct(n0, x, y, M) handles one 4-row panel for M <= 2; decode(n, out) writes row n as fp32; pack_rows as
-// in tiled_linear.
+// direct(n0, rows, m0, y, MB) multiplies one 4-row weight panel by int16 rows m0 .. m0 + MB - 1 (MB <= 2;
+// with sums over `group` if > 0); decode(n, out) writes row n as fp32; pack_rows as in tiled_linear.
 template <typename Direct, typename Decode, typename PackRows>
-at::Tensor quantized_linear(const at::Tensor& x_in, int64_t N, int64_t K, int64_t outer_min_rows,
-                            Direct direct, Decode decode, int64_t scratch, PackRows pack_rows) {
+at::Tensor quantized_linear(const at::Tensor& x_in, int64_t N, int64_t K, int64_t group, int64_t direct_max_rows,
+                            int64_t outer_min_rows, Direct direct, Decode decode, int64_t scratch,
+                            PackRows pack_rows) {
   at::Tensor x = check_input(x_in, K);
   TORCH_CHECK(N % kRows == 0 && K % 32 == 0, "need N % 4 == 0 and K % 32 == 0");
   const int64_t M = x.size(0);
   at::Tensor y = at::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  if (M <= kDirectMaxRows) {
+  if (M <= direct_max_rows) {
+    const Int16Rows rows = quantize_rows_int16(xp, M, K, group);
     at::parallel_for(0, N / kRows, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) direct(p * kRows, xp, yp + p * kRows, M);
+      for (int64_t p = begin; p < end; ++p)
+        for (int64_t m0 = 0; m0 < M; m0 += 2)
+          direct(p * kRows, rows, m0, yp + m0 * N + p * kRows, std::min<int64_t>(2, M - m0));
     });
   } else if (M < outer_min_rows) {
     dot_linear(xp, M, N, K, yp, decode);
@@ -351,10 +442,10 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
   const int8_t* q = qweight.data_ptr<int8_t>();
   const float* s = scales.data_ptr<float>();
   return quantized_linear(
-      x, N, K, kInt8OuterMinRows,
-      [&](int64_t n0, const float* xp, float* yp, int64_t M) {
-        if (M == 1) int8_direct<1>(q + n0 * K, s + n0, xp, yp, N, K);
-        else int8_direct<2>(q + n0 * K, s + n0, xp, yp, N, K);
+      x, N, K, 0, kInt8DirectMaxRows, kInt8OuterMinRows,
+      [&](int64_t n0, const Int16Rows& rows, int64_t m0, float* yp, int64_t M) {
+        if (M == 1) int8_direct<1>(q + n0 * K, s + n0, rows, m0, yp, N, K);
+        else int8_direct<2>(q + n0 * K, s + n0, rows, m0, yp, N, K);
       },
       [&](int64_t n, float* out) { decode_int8_row(q + n * K, s[n], out, K); },
       kPanel,
@@ -362,7 +453,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
         const int8_t* rows = q + n0 * K;
         const auto load8 = [&](int64_t j, int64_t k) {
           const int8_t* row = rows + j * K + k;
-          if (k % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(row + kPanel * K), _MM_HINT_T0);
+          if (k % 64 == 0) prefetch_l2(row + kPanel * K);
           __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row));
           return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
         };
@@ -389,11 +480,11 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   const float* z = mins.data_ptr<float>();
   const int64_t groups = K / group;
   return quantized_linear(
-      x, N, K, kInt4OuterMinRows,
-      [&](int64_t n0, const float* xp, float* yp, int64_t M) {
-        const uint8_t* rows = q + n0 * (K / 2);
-        if (M == 1) int4_direct<1>(rows, s + n0 * groups, z + n0 * groups, group, xp, yp, N, K);
-        else int4_direct<2>(rows, s + n0 * groups, z + n0 * groups, group, xp, yp, N, K);
+      x, N, K, group, kInt4DirectMaxRows, kInt4OuterMinRows,
+      [&](int64_t n0, const Int16Rows& rows, int64_t m0, float* yp, int64_t M) {
+        const uint8_t* panel = q + n0 * (K / 2);
+        if (M == 1) int4_direct<1>(panel, s + n0 * groups, z + n0 * groups, group, rows, m0, yp, N, K);
+        else int4_direct<2>(panel, s + n0 * groups, z + n0 * groups, group, rows, m0, yp, N, K);
       },
       [&](int64_t n, float* out) {
         decode_int4_row(q + n * (K / 2), s + n * groups, z + n * groups, group, out, K);
@@ -423,7 +514,7 @@ at::Tensor fp32_linear(const at::Tensor& x_in, const at::Tensor& weight) {
   float* yp = y.data_ptr<float>();
   if (M < kFp32OuterMinRows) {
     at::parallel_for(0, N / kRows, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) run_dot_tiles(wp + p * kRows * K, K, xp, M, K, yp + p * kRows, N);
+      for (int64_t p = begin; p < end; ++p) run_dot_tiles<true>(wp + p * kRows * K, K, xp, M, K, yp + p * kRows, N);
     });
     return y;
   }
@@ -431,7 +522,7 @@ at::Tensor fp32_linear(const at::Tensor& x_in, const at::Tensor& weight) {
     const float* rows = wp + n0 * K;
     const auto load8 = [&](int64_t j, int64_t k) {
       const float* row = rows + j * K + k;
-      if (k % 16 == 0) _mm_prefetch(reinterpret_cast<const char*>(row + kPanel * K), _MM_HINT_T0);
+      if (k % 16 == 0) prefetch_l2(row + kPanel * K);
       return _mm256_loadu_ps(row);
     };
     pack(load8, no_finish, width, k0, k1, buf);

@@ -72,6 +72,17 @@ def quantize_int4(weight: torch.Tensor, group: int = 32) -> Int4Weight:
     )
 
 
+def round_activations_int16(x: torch.Tensor) -> torch.Tensor:
+    """x as the decode kernels see it: int16 per row (scale = the row's largest |x| / 32767), back in fp32.
+
+    The kernels for one or two rows multiply int16 activations by integer weights (see cpu_linear.cpp);
+    the fallback rounds the same way so both paths give the same numbers.
+    """
+    largest = x.abs().amax(dim=-1, keepdim=True)
+    inverse = torch.where(largest > 0, 32767.0 / largest, torch.zeros_like(largest))
+    return torch.round(x * inverse) * (largest / 32767.0)
+
+
 def dequantize_int4(weight: Int4Weight) -> torch.Tensor:
     rows = weight.packed.shape[0]
     cols = weight.packed.shape[1] * 2
