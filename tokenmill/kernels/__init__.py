@@ -15,8 +15,11 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-SOURCES = [Path(__file__).with_name(name) for name in ("cpu_linear.cpp", "cpu_ops.cpp", "cpu_attention.cpp")]
-HEADERS = [Path(__file__).with_name("simd.h")]
+SOURCES = [
+    Path(__file__).with_name(name)
+    for name in ("cpu_linear.cpp", "cpu_ops.cpp", "cpu_attention.cpp", "cpu_decode.cpp")
+]
+HEADERS = [Path(__file__).with_name(name) for name in ("simd.h", "kernels.h")]
 
 
 def _headers_flag() -> str:

@@ -17,6 +17,7 @@
 #include <limits>
 #include <vector>
 
+#include "kernels.h"
 #include "simd.h"
 
 namespace {
@@ -102,6 +103,10 @@ void weigh_values(const float* p, const float* values, const int64_t* slot_of, i
   }
 }
 
+}  // namespace
+
+namespace tokenmill {
+
 // q [B, Hq, D]; caches [slots, Hkv, D]; block_tables [B, W] (int64); lengths [B]: context length per row,
 // the current token included (its K/V are already in the cache). Returns [B, Hq, D].
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -154,7 +159,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   return out;
 }
 
-}  // namespace
+}  // namespace tokenmill
 
 TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
   m.def(
@@ -162,4 +167,4 @@ TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
       "int block_size, float scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(tokenmill, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention); }
+TORCH_LIBRARY_IMPL(tokenmill, CPU, m) { m.impl("paged_decode_attention", &tokenmill::paged_decode_attention); }

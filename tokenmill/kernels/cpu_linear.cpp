@@ -31,6 +31,7 @@
 #include <cstring>
 #include <vector>
 
+#include "kernels.h"
 #include "simd.h"
 
 namespace {
@@ -433,6 +434,10 @@ at::Tensor quantized_linear(const at::Tensor& x_in, int64_t N, int64_t K, int64_
   return y;
 }
 
+}  // namespace
+
+namespace tokenmill {
+
 // Panels hold the dequantised weights (q * scale, as the PyTorch reference computes them), so the sums
 // round the same way whatever the path.
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
@@ -531,7 +536,7 @@ at::Tensor fp32_linear(const at::Tensor& x_in, const at::Tensor& weight) {
   return y;
 }
 
-}  // namespace
+}  // namespace tokenmill
 
 TORCH_LIBRARY(tokenmill, m) {
   m.def("int8_linear(Tensor x, Tensor qweight, Tensor scales) -> Tensor");
@@ -540,7 +545,7 @@ TORCH_LIBRARY(tokenmill, m) {
 }
 
 TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
-  m.impl("int8_linear", &int8_linear);
-  m.impl("int4_linear", &int4_linear);
-  m.impl("fp32_linear", &fp32_linear);
+  m.impl("int8_linear", &tokenmill::int8_linear);
+  m.impl("int4_linear", &tokenmill::int4_linear);
+  m.impl("fp32_linear", &tokenmill::fp32_linear);
 }

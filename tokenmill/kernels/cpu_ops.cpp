@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "kernels.h"
 #include "simd.h"
 
 namespace {
@@ -27,6 +28,33 @@ inline void normalise_row(const float* in, const float* weight, float* out, int6
   const float inverse = 1.f / std::sqrt(sum / static_cast<float>(H) + static_cast<float>(eps));
   for (int64_t i = 0; i < H; ++i) out[i] = in[i] * inverse * weight[i];
 }
+
+// In place on q [T, Hq, D] and k [T, Hkv, D] (views into the fused QKV output are fine), HF's half-split
+// layout: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) with cos, sin [T, D / 2].
+void rotate(at::Tensor& x, const float* cos, const float* sin, int64_t T) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 3 && x.stride(2) == 1, "q/k must be [T, H, D]");
+  const int64_t heads = x.size(1), half = x.size(2) / 2, row = x.stride(0), head = x.stride(1);
+  float* base = x.data_ptr<float>();
+  at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* c = cos + t * half;
+      const float* s = sin + t * half;
+      for (int64_t h = 0; h < heads; ++h) {
+        float* x1 = base + t * row + h * head;
+        float* x2 = x1 + half;
+        for (int64_t i = 0; i < half; ++i) {
+          const float a = x1[i], b = x2[i];
+          x1[i] = a * c[i] - b * s[i];
+          x2[i] = b * c[i] + a * s[i];
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+namespace tokenmill {
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   check_rows(x, weight);
@@ -61,29 +89,6 @@ at::Tensor add_rms_norm_(at::Tensor hidden, const at::Tensor& delta, const at::T
     }
   });
   return y;
-}
-
-// In place on q [T, Hq, D] and k [T, Hkv, D] (views into the fused QKV output are fine), HF's half-split
-// layout: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) with cos, sin [T, D / 2].
-void rotate(at::Tensor& x, const float* cos, const float* sin, int64_t T) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 3 && x.stride(2) == 1, "q/k must be [T, H, D]");
-  const int64_t heads = x.size(1), half = x.size(2) / 2, row = x.stride(0), head = x.stride(1);
-  float* base = x.data_ptr<float>();
-  at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const float* c = cos + t * half;
-      const float* s = sin + t * half;
-      for (int64_t h = 0; h < heads; ++h) {
-        float* x1 = base + t * row + h * head;
-        float* x2 = x1 + half;
-        for (int64_t i = 0; i < half; ++i) {
-          const float a = x1[i], b = x2[i];
-          x1[i] = a * c[i] - b * s[i];
-          x2[i] = b * c[i] + a * s[i];
-        }
-      }
-    }
-  });
 }
 
 void rotary_(at::Tensor q, at::Tensor k, const at::Tensor& cos, const at::Tensor& sin) {
@@ -121,7 +126,7 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   return y;
 }
 
-}  // namespace
+}  // namespace tokenmill
 
 TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
@@ -131,8 +136,8 @@ TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
 }
 
 TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
-  m.impl("rms_norm", &rms_norm);
-  m.impl("add_rms_norm_", &add_rms_norm_);
-  m.impl("rotary_", &rotary_);
-  m.impl("silu_mul", &silu_mul);
+  m.impl("rms_norm", &tokenmill::rms_norm);
+  m.impl("add_rms_norm_", &tokenmill::add_rms_norm_);
+  m.impl("rotary_", &tokenmill::rotary_);
+  m.impl("silu_mul", &tokenmill::silu_mul);
 }

@@ -11,8 +11,16 @@ import torch
 import torch.nn.functional as F
 
 from tokenmill.config import ModelConfig
+from tokenmill.kernels import kernels_available
 from tokenmill.layers.attention import AttentionContext, paged_attention
-from tokenmill.layers.linear import Linear, make_linear
+from tokenmill.layers.linear import (
+    DENSE_KERNEL_MAX_ROWS,
+    DenseLinear,
+    Int4Linear,
+    Int8Linear,
+    Linear,
+    make_linear,
+)
 from tokenmill.layers.norm import add_rms_norm, rms_norm, silu_mul
 from tokenmill.layers.rotary import RotaryEmbedding
 
@@ -54,6 +62,7 @@ class LlamaModel:
         self.q_size = config.num_heads * config.head_dim
         self.kv_size = config.num_kv_heads * config.head_dim
         self.scale = config.head_dim**-0.5
+        self._decode_stack = self._build_decode_stack()
 
     def _layer(self, weights: dict[str, torch.Tensor], i: int) -> DecoderLayerWeights:
         p = f"model.layers.{i}."
@@ -76,6 +85,21 @@ class LlamaModel:
 
     def _linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
         return make_linear(weight, bias, self.quantization, self.group_size)
+
+    def _build_decode_stack(self) -> torch.ScriptObject | None:
+        """The C++ twin of `forward` for all-decode steps (kernels/cpu_decode.cpp), if this model fits it."""
+        kernel_linears = all(linear.use_kernel for linear in self.linears)
+        if not (kernels_available() and kernel_linears) or self.config.qk_norm:
+            return None
+        cfg = self.config
+        stack = torch.classes.tokenmill.DecodeStack(
+            cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps, self.scale, DENSE_KERNEL_MAX_ROWS
+        )
+        for layer in self.layers:
+            for linear in (layer.qkv, layer.o_proj, layer.gate_up, layer.down):
+                stack.add_linear(*_stack_arguments(linear), linear.bias)
+            stack.add_layer(layer.input_norm, layer.post_norm)
+        return stack
 
     @property
     def linears(self) -> list[Linear]:
@@ -103,6 +127,20 @@ class LlamaModel:
         cos, sin = self.rotary.tables(positions, hidden.dtype)
         eps = cfg.rms_norm_eps
         x = rms_norm(hidden, self.layers[0].input_norm, eps)
+        all_decode = ctx.num_decode == tokens and ctx.decode_gather is None and not ctx.prefills
+        if self._decode_stack is not None and all_decode:
+            return self._decode_stack.run(
+                hidden,
+                x,
+                kv_cache,
+                ctx.slot_mapping,
+                ctx.decode_block_tables,
+                ctx.decode_lengths,
+                ctx.block_size,
+                cos,
+                sin,
+                self.norm,
+            )
         for index, layer in enumerate(self.layers):
             qkv = layer.qkv(x)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -125,3 +163,15 @@ class LlamaModel:
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
+
+
+def _stack_arguments(linear: Linear) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(format, tensors, group) as DecodeStack.add_linear takes them; unused slots hold an empty tensor."""
+    empty = torch.empty(0)
+    if isinstance(linear, Int8Linear):
+        return 1, linear.quantized.qweight, linear.quantized.scales, empty, 0
+    if isinstance(linear, Int4Linear):
+        q = linear.quantized
+        return 2, q.packed, q.scales, q.mins, q.group
+    assert isinstance(linear, DenseLinear)
+    return 0, linear.weight, empty, empty, 0
