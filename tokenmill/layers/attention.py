@@ -71,19 +71,22 @@ def paged_attention(
             q[:b].unsqueeze(2), keys, values, attn_mask=ctx.decode_bias, scale=scale, enable_gqa=True
         )
         out[:b] = attended.squeeze(2)
+    # Prefill spans go to SDPA as 4-D [1, H, L, D]: with 3-D inputs PyTorch takes its unfused "math" path,
+    # 2-4x slower than the fused CPU kernel it picks for 4-D (measured: 128 tokens 0.62 -> 0.34 ms,
+    # 1024 tokens 58 -> 13 ms).
     for span in ctx.prefills:
-        query = q[span.start : span.end].transpose(0, 1)  # [Hq, L, D]
+        query = q[span.start : span.end].transpose(0, 1)[None]  # [1, Hq, L, D]
         if span.gather is None:
-            keys = k[span.start : span.end].transpose(0, 1)
-            values = v[span.start : span.end].transpose(0, 1)
+            keys = k[span.start : span.end].transpose(0, 1)[None]
+            values = v[span.start : span.end].transpose(0, 1)[None]
             attended = F.scaled_dot_product_attention(
                 query, keys, values, is_causal=True, scale=scale, enable_gqa=True
             )
         else:
-            keys = k_cache.index_select(0, span.gather).transpose(0, 1)  # [Hkv, C, D]
-            values = v_cache.index_select(0, span.gather).transpose(0, 1)
+            keys = k_cache.index_select(0, span.gather).transpose(0, 1)[None]  # [1, Hkv, C, D]
+            values = v_cache.index_select(0, span.gather).transpose(0, 1)[None]
             attended = F.scaled_dot_product_attention(
                 query, keys, values, attn_mask=span.mask, scale=scale, enable_gqa=True
             )
-        out[span.start : span.end] = attended.transpose(0, 1)
+        out[span.start : span.end] = attended[0].transpose(0, 1)
     return out
