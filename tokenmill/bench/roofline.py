@@ -390,6 +390,10 @@ def run_roofline(
 
     from tokenmill.config import EngineConfig
     from tokenmill.engine.engine import LLMEngine
+    from tokenmill.kernels import kernels_available
+
+    if not kernels_available():
+        raise RuntimeError("the roofline measures tokenmill's C++ kernels, which did not build (see log)")
 
     formats, shared = [], None
     for quantization in quantizations:

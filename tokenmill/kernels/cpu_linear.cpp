@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "kernels.h"
@@ -76,16 +77,6 @@ inline void run_dot_tiles(const float* panel, int64_t panel_stride, const float*
 }
 
 inline __m256 widen_u8(__m128i bytes) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)); }
-
-inline void decode_int8_row(const int8_t* q, float scale, float* out, int64_t K) {
-  const __m256 s = _mm256_set1_ps(scale);
-  for (int64_t k = 0; k < K; k += 8) {
-    if (k % 64 == 0) prefetch_l2(q + kAhead * K + k);
-    __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + k));
-    __m256 values = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
-    _mm256_storeu_ps(out + k, _mm256_mul_ps(values, s));
-  }
-}
 
 // Each 32 weights are 16 bytes: the low nibble of byte j is weight j, the high nibble weight j + 16
 // (llama.cpp's Q4 layout). w = q * scale + min, with one (scale, min) per `group` weights.
@@ -261,6 +252,7 @@ constexpr int64_t kSlice = 256;  // K per packed slice
 // 576-1536 weights): below, packing costs more than the horizontal sums it saves. fp32 packs by transposing
 // straight from memory, the dearest.
 constexpr int64_t kFp32OuterMinRows = 48, kInt8OuterMinRows = 32, kInt4OuterMinRows = 32;
+static_assert(kInt8DirectMaxRows + 1 == kInt8OuterMinRows, "int8 has no decode-panel path between the two");
 
 // r[j] lane i <- r[i] lane j.
 inline void transpose8(__m256* r) {
@@ -408,7 +400,8 @@ void dot_linear(const float* x, int64_t M, int64_t N, int64_t K, float* y, Decod
 }
 
 // direct(n0, rows, m0, y, MB) multiplies one 4-row weight panel by int16 rows m0 .. m0 + MB - 1 (MB <= 2;
-// with sums over `group` if > 0); decode(n, out) writes row n as fp32; pack_rows as in tiled_linear.
+// with sums over `group` if > 0); decode(n, out) writes row n as fp32 for the rows between the direct and the
+// outer-product paths (nullptr where there are none); pack_rows as in tiled_linear.
 template <typename Direct, typename Decode, typename PackRows>
 at::Tensor quantized_linear(const at::Tensor& x_in, int64_t N, int64_t K, int64_t group, int64_t direct_max_rows,
                             int64_t outer_min_rows, Direct direct, Decode decode, int64_t scratch,
@@ -427,7 +420,11 @@ at::Tensor quantized_linear(const at::Tensor& x_in, int64_t N, int64_t K, int64_
           direct(p * kRows, rows, m0, yp + m0 * N + p * kRows, std::min<int64_t>(2, M - m0));
     });
   } else if (M < outer_min_rows) {
-    dot_linear(xp, M, N, K, yp, decode);
+    if constexpr (std::is_same_v<Decode, std::nullptr_t>) {
+      TORCH_CHECK(false, "no kernel for ", M, " rows");
+    } else {
+      dot_linear(xp, M, N, K, yp, decode);
+    }
   } else {
     tiled_linear(xp, M, N, K, yp, scratch, pack_rows);
   }
@@ -452,7 +449,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
         if (M == 1) int8_direct<1>(q + n0 * K, s + n0, rows, m0, yp, N, K);
         else int8_direct<2>(q + n0 * K, s + n0, rows, m0, yp, N, K);
       },
-      [&](int64_t n, float* out) { decode_int8_row(q + n * K, s[n], out, K); },
+      nullptr,  // the direct path runs up to the outer-product crossover
       kPanel,
       [&](int64_t n0, int64_t width, int64_t k0, int64_t k1, float* buf, float* panel_scales) {
         const int8_t* rows = q + n0 * K;
