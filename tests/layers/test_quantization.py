@@ -129,3 +129,14 @@ def test_smollm2_quality_survives_quantisation(smollm_loaded):
     assert results["int8"] / results[None] - 1 < 0.01, results
     assert results["int4"] / results[None] - 1 < 0.05, results
     assert 3 < results[None] < 40, results  # a sane model on English prose, not a broken loader
+
+
+def test_smollm2_quality_holds_on_the_int16_activation_path(smollm_loaded):
+    """Windows of 31 tokens keep every int8 matmul on the kernels' int16-activation path (as in decode of
+    up to 31 sequences); the 256-token windows above go through the fp32 panels instead."""
+    tokens = smollm_loaded.tokenizer.encode(perplexity_text())[:620]
+    results = {}
+    for quantization in (None, "int8"):
+        engine = make_engine(smollm_loaded, quantization=quantization)
+        results[quantization] = perplexity(engine.model, tokens, window=31)
+    assert abs(results["int8"] / results[None] - 1) < 0.01, results
