@@ -36,6 +36,11 @@ class DecoderLayerWeights:
     gate_up: Linear
     down: Linear
 
+    @property
+    def linears(self) -> tuple[Linear, Linear, Linear, Linear]:
+        """The layer's four matmuls in the order a step runs them."""
+        return self.qkv, self.o_proj, self.gate_up, self.down
+
 
 class LlamaModel:
     """Stateless apart from weights: the KV cache and attention metadata come in with every call."""
@@ -96,7 +101,7 @@ class LlamaModel:
             cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps, self.scale, DENSE_KERNEL_MAX_ROWS
         )
         for layer in self.layers:
-            for linear in (layer.qkv, layer.o_proj, layer.gate_up, layer.down):
+            for linear in layer.linears:
                 stack.add_linear(*_stack_arguments(linear), linear.bias)
             stack.add_layer(layer.input_norm, layer.post_norm)
         return stack
@@ -104,8 +109,7 @@ class LlamaModel:
     @property
     def linears(self) -> list[Linear]:
         """Every matmul a decode step runs, in order: each layer's four, then the LM head."""
-        per_layer = [(layer.qkv, layer.o_proj, layer.gate_up, layer.down) for layer in self.layers]
-        return [linear for four in per_layer for linear in four] + [self.lm_head]
+        return [linear for layer in self.layers for linear in layer.linears] + [self.lm_head]
 
     @property
     def weight_bytes(self) -> int:
