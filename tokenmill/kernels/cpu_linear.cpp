@@ -435,8 +435,8 @@ at::Tensor quantized_linear(const at::Tensor& x_in, int64_t N, int64_t K, int64_
 
 namespace tokenmill {
 
-// Panels hold the dequantised weights (q * scale, as the PyTorch reference computes them), so the sums
-// round the same way whatever the path.
+// Outer-product panels hold the dequantised weights (q * scale, as the PyTorch reference computes them); the
+// direct path's integer sums are scaled once at the end (activations rounded to int16, as the fallback does).
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
   TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.is_contiguous(), "qweight must be contiguous int8");
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == qweight.size(0), "one fp32 scale per row");
