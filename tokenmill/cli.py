@@ -35,7 +35,7 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=1024)
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument(
-        "--speculative", default=None, help="speculative decoding: ngram:k=4 or draft=PATH,k=4"
+        "--speculative", default=None, help="speculative decoding: ngram:k=4 or draft=PATH,k=4[,ngram=1]"
     )
     parser.add_argument(
         "--quantization", default=None, choices=["none", "int8", "int4"], help="weight format (default fp32)"
@@ -276,6 +276,9 @@ def cmd_draft_train(args: argparse.Namespace) -> int:
     config = DraftTrainConfig(
         output=Path(args.output),
         model=args.model,
+        kind=args.kind,
+        depth=args.depth,
+        sampled_answers=args.sampled_answers,
         num_layers=args.layers,
         source_layers=[int(x) for x in args.source_layers.split(",")] if args.source_layers else None,
         minutes=args.minutes,
@@ -296,8 +299,10 @@ def cmd_draft_train(args: argparse.Namespace) -> int:
         f"({result.data_seconds / 60:.1f} min collecting {result.num_samples} answers, "
         f"{result.num_answer_tokens} tokens); final loss {result.final_loss:.3f}, "
         f"held-out agreement with the target {result.heldout_agreement:.1%}"
+        + (" (guesses 1..n: " + ", ".join(f"{a:.1%}" for a in result.heldout_by_depth) + ")")
     )
-    print(f"use it with: --speculative draft={result.output},k=4")
+    extra = ",ngram=1" if config.kind == "eagle" else ""
+    print(f"use it with: --speculative draft={result.output},k=4{extra}")
     return 0
 
 
@@ -399,18 +404,30 @@ def build_parser() -> argparse.ArgumentParser:
     train = draft.add_parser("train", help="distil a small draft from the target's own answers (CPU)")
     train.add_argument("--model", default=None, help="target model (default: SmolLM2-135M)")
     train.add_argument("--output", default="draft.safetensors", help="draft file to write")
-    train.add_argument("--minutes", type=float, default=20.0, help="time budget for the whole run")
-    train.add_argument("--data-fraction", type=float, default=0.4, help="share of time for target answers")
+    train.add_argument("--minutes", type=float, default=None, help="whole run: 50 (eagle) / 20 (layers)")
+    train.add_argument(
+        "--data-fraction", type=float, default=None, help="share of time for answers: 0.3 eagle / 0.4 layers"
+    )
     train.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
-    train.add_argument("--layers", type=int, default=2, help="decoder layers in the draft")
+    train.add_argument(
+        "--kind",
+        choices=("eagle", "layers"),
+        default="eagle",
+        help="eagle: one layer over the target's hidden states; layers: a token-only draft",
+    )
+    train.add_argument("--depth", type=int, default=3, help="eagle: guesses deep to train on own guesses")
+    train.add_argument(
+        "--sampled-answers", type=int, default=0, help="eagle: extra sampled answers per prompt"
+    )
+    train.add_argument("--layers", type=int, default=2, help="decoder layers in a 'layers' draft")
     train.add_argument(
         "--source-layers", default=None, help="target layers to start from (default 0..layers-1)"
     )
     train.add_argument("--head-tokens", type=int, default=8192, help="vocabulary the draft scores (0: all)")
     train.add_argument("--answer-tokens", type=int, default=128, help="tokens per target answer")
     train.add_argument("--max-prompts", type=int, default=None)
-    train.add_argument("--batch-size", type=int, default=8)
-    train.add_argument("--lr", type=float, default=5e-4)
+    train.add_argument("--batch-size", type=int, default=None, help="default: 4 (eagle), 8 (layers)")
+    train.add_argument("--lr", type=float, default=None, help="default: 3e-3 (eagle), 5e-4 (layers)")
     train.add_argument("--samples", default=None, help="JSON cache of the target's answers (reused)")
     train.add_argument("--threads", type=int, default=None)
     train.add_argument("--seed", type=int, default=0)

@@ -62,7 +62,9 @@ def test_speculative_config_parses_draft_specs():
     config = SpeculativeConfig.parse("draft=/models/d.safetensors,k=3")
     assert (config.method, config.draft_path, config.k) == ("draft", "/models/d.safetensors", 3)
     assert SpeculativeConfig.parse("draft=folder").k == 4
-    for bad in ("draft=", "draft=x,k=0", "draft=x,k=", "draft=x,min_ngram=2", "draft:x", "model=x"):
+    assert SpeculativeConfig.parse("draft=d.safetensors,k=3,ngram=1").ngram == 1
+    bad_specs = ("draft=", "draft=x,k=0", "draft=x,k=", "draft=x,min_ngram=2", "draft=x,ngram=2", "draft:x")
+    for bad in (*bad_specs, "model=x", "ngram:ngram=1"):
         with pytest.raises(InvalidParameterError):
             SpeculativeConfig.parse(bad)
 
@@ -187,7 +189,7 @@ def test_draft_train_writes_a_file_that_speculates_exactly(
     output = tmp_path / "draft.safetensors"
     command = ["draft", "train", "--model", folder, "--output", str(output), "--max-steps", "4"]
     command += ["--max-prompts", "8", "--answer-tokens", "12", "--layers", "1", "--head-tokens", "3000"]
-    command += ["--batch-size", "4", "--threads", "2"]
+    command += ["--batch-size", "4", "--threads", "2", "--kind", "layers"]
     assert main(command) == 0  # the command line's own entry point, in this process
     assert output.is_file() and "4 steps" in capsys.readouterr().out
     engine = make_engine(llama_loaded, speculative=f"draft={output},k=3,{ANY_BATCH}")

@@ -109,20 +109,27 @@ class DraftModelProposer(Proposer):
         model = self.draft.model
         hidden = model.forward(input_ids, positions, ctx, self.runner.kv_cache)
         logits = model.compute_logits(hidden[torch.tensor([end - 1 for _, end in ranges])])
-        head_ids = self.draft.head_token_ids
-        columns = logits.argmax(dim=-1)
-        dists: list[torch.Tensor | None] = [None] * len(seqs)
-        sampled = [j for j, s in enumerate(seqs) if not s.params.greedy]
-        if sampled:
-            rows = [SamplingRow(seqs[j].params, seqs[j].generator, [], [], []) for j in sampled]
-            index = torch.tensor(sampled)
-            q = sampling_probabilities(logits[index].float(), rows)
-            for row, (j, seq) in enumerate(zip(sampled, [seqs[j] for j in sampled], strict=True)):
-                noise = torch.empty_like(q[row]).exponential_(generator=seq.generator)
-                columns[j] = (q[row] / noise).argmax()
-                full = q[row]
-                if head_ids is not None:
-                    full = torch.zeros(self.vocab_size, dtype=q.dtype).index_copy_(0, head_ids, q[row])
-                dists[j] = full
-        token_ids = (head_ids[columns] if head_ids is not None else columns).tolist()
-        return token_ids, dists
+        return pick_guesses(logits, seqs, self.draft.head_token_ids, self.vocab_size)
+
+
+def pick_guesses(
+    logits: torch.Tensor, seqs: list[Sequence], head_ids: torch.Tensor | None, vocab_size: int
+) -> tuple[list[int], list[torch.Tensor | None]]:
+    """One guess per row of the draft's logits. Greedy rows take the argmax; sampled rows draw from the
+    draft's distribution under the request's temperature / top-k / top-p and also return it (over the
+    whole vocabulary) for the rejection rule. `head_ids` maps logit columns to token ids."""
+    columns = logits.argmax(dim=-1)
+    dists: list[torch.Tensor | None] = [None] * len(seqs)
+    sampled = [j for j, s in enumerate(seqs) if not s.params.greedy]
+    if sampled:
+        rows = [SamplingRow(seqs[j].params, seqs[j].generator, [], [], []) for j in sampled]
+        q = sampling_probabilities(logits[torch.tensor(sampled)].float(), rows)
+        for row, j in enumerate(sampled):
+            noise = torch.empty_like(q[row]).exponential_(generator=seqs[j].generator)
+            columns[j] = (q[row] / noise).argmax()
+            full = q[row]
+            if head_ids is not None:
+                full = torch.zeros(vocab_size, dtype=q.dtype).index_copy_(0, head_ids, q[row])
+            dists[j] = full
+    token_ids = (head_ids[columns] if head_ids is not None else columns).tolist()
+    return token_ids, dists

@@ -35,6 +35,9 @@ class ModelRunner:
         )
         self._offsets = torch.arange(self.block_size)
         self.phase_seconds: defaultdict[str, float] = defaultdict(float)
+        # Set by execute(keep_hidden=True): the step's final hidden states and each entry's row range.
+        self.last_hidden: torch.Tensor | None = None
+        self.last_ranges: list[tuple[int, int]] = []
 
     def _slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
         """Cache slots of token positions [start, end) of a sequence."""
@@ -108,7 +111,9 @@ class ModelRunner:
         ctx.slot_mapping = torch.cat(slots)
         return torch.tensor(ids), torch.tensor(positions), ctx, [rows[id(e)] for e in entries]
 
-    def execute(self, batch: ScheduledBatch, rows: dict[int, SamplingRow]) -> dict[int, StepResult]:
+    def execute(
+        self, batch: ScheduledBatch, rows: dict[int, SamplingRow], keep_hidden: bool = False
+    ) -> dict[int, StepResult]:
         """Run one step. rows maps seq_id -> sampling inputs for sequences that sample this step; a
         sequence with draft tokens gets its drafts verified and may receive several tokens."""
         started = time.perf_counter()
@@ -117,6 +122,8 @@ class ModelRunner:
         input_ids, positions, ctx, ranges = self.prepare(batch.entries)
         prepared = time.perf_counter()
         hidden = self.model.forward(input_ids, positions, ctx, self.kv_cache)
+        if keep_hidden:
+            self.last_hidden, self.last_ranges = hidden, ranges
         wanted = [(e.seq, r) for e, r in zip(batch.entries, ranges, strict=True) if e.seq.seq_id in rows]
         if not wanted:
             self._record(started, prepared, time.perf_counter())

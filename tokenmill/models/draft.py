@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 
 from tokenmill.config import ModelConfig
 from tokenmill.errors import IncompatibleDraftError, ModelLoadError
-from tokenmill.layers.linear import DenseLinear
+from tokenmill.layers.linear import DenseLinear, make_linear
+from tokenmill.models.eagle import EAGLE_FC_BIAS, EAGLE_FC_WEIGHT, EagleDraft
 from tokenmill.models.llama import LlamaModel
 from tokenmill.models.loader import LAYER_WEIGHT_NAMES, LoadedModel, load_model
 
@@ -40,6 +41,7 @@ class DraftFileInfo:
     num_layers: int
     source_layers: list[int]
     extra: dict
+    kind: str = "layers"  # "layers": decoder layers over the tokens; "eagle": one layer over target states
 
     def to_metadata(self) -> dict[str, str]:
         return {
@@ -50,6 +52,7 @@ class DraftFileInfo:
             "num_layers": str(self.num_layers),
             "source_layers": json.dumps(self.source_layers),
             "extra": json.dumps(self.extra),
+            "kind": self.kind,
         }
 
 
@@ -89,6 +92,7 @@ def read_draft_file(path: Path) -> tuple[DraftFileInfo, dict[str, torch.Tensor]]
         num_layers=int(meta["num_layers"]),
         source_layers=json.loads(meta.get("source_layers", "[]")),
         extra=json.loads(meta.get("extra", "{}")),
+        kind=meta.get("kind", "layers"),
     )
     return info, tensors
 
@@ -98,13 +102,20 @@ def draft_model_config(target: ModelConfig, num_layers: int, name: str) -> Model
     return dataclasses.replace(target, num_layers=num_layers, name=name)
 
 
-def load_draft(path: str, target: LoadedModel, max_positions: int, dtype: torch.dtype) -> DraftModel:
-    """A draft for `target`: a `tokenmill draft train` file, or a model folder / GGUF with its vocabulary."""
+def load_draft(
+    path: str,
+    target: LoadedModel,
+    max_positions: int,
+    dtype: torch.dtype,
+    quantization: str | None = None,
+) -> DraftModel | EagleDraft:
+    """A draft for `target`: a `tokenmill draft train` file, or a model folder / GGUF with its vocabulary.
+    `quantization` applies to an EAGLE draft's matmuls; the other drafts keep `dtype`."""
     file = Path(path).expanduser()
     if file.suffix == ".safetensors":
         if not file.is_file():
             raise ModelLoadError(f"draft file {str(file)!r} not found")
-        return _load_trained_draft(file, target, max_positions, dtype)
+        return _load_trained_draft(file, target, max_positions, dtype, quantization)
     loaded = load_model(path, dtype)
     _check_vocabulary(loaded, target)
     model = LlamaModel(loaded.config, loaded.weights, max_positions)
@@ -112,8 +123,8 @@ def load_draft(path: str, target: LoadedModel, max_positions: int, dtype: torch.
 
 
 def _load_trained_draft(
-    file: Path, target: LoadedModel, max_positions: int, dtype: torch.dtype
-) -> DraftModel:
+    file: Path, target: LoadedModel, max_positions: int, dtype: torch.dtype, quantization: str | None
+) -> DraftModel | EagleDraft:
     info, tensors = read_draft_file(file)
     cfg = target.config
     if (info.vocab_size, info.hidden_size) != (cfg.vocab_size, cfg.hidden_size):
@@ -122,7 +133,11 @@ def _load_trained_draft(
             f"hidden {info.hidden_size}) but the target {cfg.name} has vocab {cfg.vocab_size}, "
             f"hidden {cfg.hidden_size}"
         )
+    eagle = info.kind == "eagle"
+    if info.kind not in ("layers", "eagle"):
+        raise ModelLoadError(f"draft {file}: unknown draft kind {info.kind!r} (a newer tokenmill's file?)")
     needed = [f"model.layers.{i}.{n}" for i in range(info.num_layers) for n in LAYER_NAMES]
+    needed += [EAGLE_FC_WEIGHT, EAGLE_FC_BIAS] if eagle else []
     missing = [name for name in [*needed, "model.norm.weight"] if name not in tensors]
     if missing:
         raise ModelLoadError(f"draft {file}: {len(missing)} tensors missing, e.g. {missing[:3]}")
@@ -131,14 +146,22 @@ def _load_trained_draft(
     if not cfg.tie_word_embeddings:
         weights["lm_head.weight"] = target.weights["lm_head.weight"]
     config = draft_model_config(cfg, info.num_layers, file.stem)
-    model = LlamaModel(config, weights, max_positions)
     head_ids = tensors.get(HEAD_TOKENS)
     if head_ids is not None:
         head_ids = head_ids.long()
         if head_ids.numel() == 0 or int(head_ids.max()) >= cfg.vocab_size or int(head_ids.min()) < 0:
             raise IncompatibleDraftError(f"draft {file}: head token ids fall outside the target's vocabulary")
-        model.lm_head = DenseLinear(model.lm_head.weight.index_select(0, head_ids).contiguous())
-    return DraftModel(model, head_ids, file.stem)
+    if not eagle:
+        model = LlamaModel(config, weights, max_positions)
+        if head_ids is not None:
+            model.lm_head = DenseLinear(model.lm_head.weight.index_select(0, head_ids).contiguous())
+        return DraftModel(model, head_ids, file.stem)
+    model = LlamaModel(config, weights, max_positions, quantization)
+    if head_ids is not None:
+        head = weights["model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"]
+        model.lm_head = make_linear(head.index_select(0, head_ids).contiguous(), None, quantization)
+    fc = make_linear(weights[EAGLE_FC_WEIGHT], weights[EAGLE_FC_BIAS], quantization)
+    return EagleDraft(model, fc, head_ids, file.stem)
 
 
 def _check_vocabulary(draft: LoadedModel, target: LoadedModel) -> None:

@@ -23,6 +23,7 @@ from tokenmill.sampling import SamplingParams
 class Sample:
     prompt_ids: list[int]
     output_ids: list[int]
+    greedy: bool = True  # False: sampled at a temperature, for more varied text (its tokens are not argmaxes)
 
 
 def training_conversations(seed: int = 0) -> list[list[dict]]:
@@ -35,11 +36,15 @@ def training_conversations(seed: int = 0) -> list[list[dict]]:
 
 
 def generate_samples(
-    engine: LLMEngine, conversations: list[list[dict]], max_tokens: int, seconds: float
+    engine: LLMEngine,
+    conversations: list[list[dict]],
+    max_tokens: int,
+    seconds: float,
+    temperatures: list[float] | None = None,
 ) -> list[Sample]:
-    """Greedy answers from the target, as many as fit in `seconds` (requests still running at the end are
-    kept if they have some tokens already)."""
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    """Answers from the target, as many as fit in `seconds` (requests still running at the end are kept if
+    they have some tokens already). temperatures[i] > 0 samples conversation i instead of greedy decoding."""
+    temperatures = temperatures or [0.0] * len(conversations)
     prompts = [engine.tokenizer.encode(engine.tokenizer.apply_chat_template(c)) for c in conversations]
     latest: dict[str, list[int]] = {}
     finished: set[str] = set()
@@ -51,6 +56,9 @@ def generate_samples(
             late = time.monotonic() - start > seconds
             in_flight = next_prompt - len(finished)
             while not late and next_prompt < len(prompts) and in_flight < engine.config.max_num_seqs:
+                temperature = temperatures[next_prompt]
+                seed = next_prompt if temperature else None  # repeated prompts get different answers
+                params = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed)
                 engine.add_request(f"draft-data-{next_prompt}", prompts[next_prompt], params)
                 next_prompt += 1
                 in_flight += 1
@@ -67,12 +75,12 @@ def generate_samples(
     for i in range(next_prompt):
         output = latest.get(f"draft-data-{i}", [])
         if f"draft-data-{i}" in finished or len(output) >= 16:
-            samples.append(Sample(prompts[i], list(output)))
+            samples.append(Sample(prompts[i], list(output), temperatures[i] == 0))
     return samples
 
 
 def save_samples(path: Path, samples: list[Sample], target: str) -> None:
-    rows = [{"prompt": s.prompt_ids, "output": s.output_ids} for s in samples]
+    rows = [{"prompt": s.prompt_ids, "output": s.output_ids, "greedy": s.greedy} for s in samples]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"target": target, "samples": rows}))
 
@@ -84,4 +92,4 @@ def load_samples(path: Path, target: str) -> list[Sample] | None:
     data = json.loads(path.read_text())
     if data.get("target") != target:
         return None
-    return [Sample(r["prompt"], r["output"]) for r in data["samples"]]
+    return [Sample(r["prompt"], r["output"], r.get("greedy", True)) for r in data["samples"]]
