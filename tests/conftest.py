@@ -12,6 +12,7 @@ import torch
 from tokenmill.config import EngineConfig
 from tokenmill.engine.engine import LLMEngine
 from tokenmill.models.loader import LoadedModel, default_model_path, load_model
+from tokenmill.sampling import SamplingParams
 
 TINY_VOCAB_TEXT = "tiny"
 
@@ -150,3 +151,30 @@ def assert_no_leak(engine: LLMEngine) -> None:
     assert manager.num_free_blocks == manager.num_blocks
     assert all(count == 0 for count in manager.ref_counts)
     assert not engine.scheduler.running and not engine.scheduler.waiting
+
+
+def mixed_requests(engine, greedy_only: bool = False) -> list[str]:
+    """Prompts of different lengths, some repetitive, different max_tokens: a mixed batch."""
+    prompts = [[11, 57, 302, 99, 4000, 12] * 6, list(range(50, 90)), [7] * 20, list(range(200, 213)) * 3, [5]]
+    for i, prompt in enumerate(prompts):
+        engine.add_request(
+            str(i), prompt, SamplingParams(temperature=0, max_tokens=20 + 7 * i, ignore_eos=True)
+        )
+    return [str(i) for i in range(len(prompts))]
+
+
+def mixed_outputs(engine) -> dict[str, list[int]]:
+    ids = mixed_requests(engine)
+    done = run_to_completion(engine)
+    return {i: done[i].outputs[0].token_ids for i in ids}
+
+
+@pytest.fixture(scope="module")
+def llama_loaded(tiny_models):
+    return load_model(str(tiny_models["llama"][0]))
+
+
+@pytest.fixture(scope="module")
+def llama_plain(llama_loaded) -> dict[str, list[int]]:
+    """Plain greedy outputs of the mixed batch on the tiny llama: what every speculative run must match."""
+    return mixed_outputs(make_engine(llama_loaded))

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from tests.conftest import _save_tiny, assert_no_leak, make_engine, run_to_completion
+from tests.conftest import _save_tiny, assert_no_leak, make_engine, mixed_outputs, mixed_requests
 from tests.engine.test_speculative import (
     _chi_square_same_distribution,
     _first_tokens,
@@ -22,33 +22,6 @@ from tokenmill.models.loader import load_model
 from tokenmill.sampling import SamplingParams
 
 ANY_BATCH = "crossover_tokens=100000"  # speculate at every batch size
-
-
-def _mixed_requests(engine, greedy_only: bool = False) -> list[str]:
-    """Prompts of different lengths, some repetitive, different max_tokens: a mixed batch."""
-    prompts = [[11, 57, 302, 99, 4000, 12] * 6, list(range(50, 90)), [7] * 20, list(range(200, 213)) * 3, [5]]
-    for i, prompt in enumerate(prompts):
-        engine.add_request(
-            str(i), prompt, SamplingParams(temperature=0, max_tokens=20 + 7 * i, ignore_eos=True)
-        )
-    return [str(i) for i in range(len(prompts))]
-
-
-def _outputs(engine) -> dict[str, list[int]]:
-    ids = _mixed_requests(engine)
-    done = run_to_completion(engine)
-    return {i: done[i].outputs[0].token_ids for i in ids}
-
-
-@pytest.fixture(scope="module")
-def llama_loaded(tiny_models):
-    return load_model(str(tiny_models["llama"][0]))
-
-
-@pytest.fixture(scope="module")
-def llama_plain(llama_loaded) -> dict[str, list[int]]:
-    """Plain greedy outputs of the mixed batch on the tiny llama: what every speculative run must match."""
-    return _outputs(make_engine(llama_loaded))
 
 
 def assert_draft_idle(engine) -> None:
@@ -71,7 +44,7 @@ def test_speculative_config_parses_draft_specs():
 
 def test_greedy_output_with_a_smaller_draft_model_equals_plain_output(llama_loaded, llama_plain, tiny_draft):
     engine = make_engine(llama_loaded, speculative=f"draft={tiny_draft},k=3,{ANY_BATCH}", block_size=8)
-    assert _outputs(engine) == llama_plain
+    assert mixed_outputs(engine) == llama_plain
     assert engine.stats.spec_draft_tokens > 0
     assert_no_leak(engine)
     assert_draft_idle(engine)
@@ -80,9 +53,9 @@ def test_greedy_output_with_a_smaller_draft_model_equals_plain_output(llama_load
 def test_a_draft_of_itself_is_accepted_almost_always_and_changes_nothing(tiny_models):
     folder = str(tiny_models["qwen3"][0])
     loaded = load_model(folder)
-    plain = _outputs(make_engine(loaded))
+    plain = mixed_outputs(make_engine(loaded))
     engine = make_engine(loaded, speculative=f"draft={folder},k=4,{ANY_BATCH}")
-    assert _outputs(engine) == plain
+    assert mixed_outputs(engine) == plain
     stats = engine.stats
     assert stats.spec_accepted_tokens >= 0.95 * stats.spec_draft_tokens
     assert stats.spec_mean_accepted_length > 4.0
@@ -149,11 +122,11 @@ def test_both_kv_caches_return_to_idle_after_rejections_aborts_and_preemption(
     engine = make_engine(
         loaded, speculative=f"draft={tiny_draft},k=3,{ANY_BATCH}", block_size=8, num_kv_blocks=12
     )
-    assert _outputs(engine) == plain
+    assert mixed_outputs(engine) == plain
     assert engine.scheduler.num_preemptions > 0
     assert_no_leak(engine)
     assert_draft_idle(engine)
-    _mixed_requests(engine)
+    mixed_requests(engine)
     for _ in range(6):
         engine.step()
     assert engine.proposer.shadows  # the draft holds KV for the running sequences...
@@ -194,7 +167,7 @@ def test_draft_train_writes_a_file_that_speculates_exactly(
     assert output.is_file() and "4 steps" in capsys.readouterr().out
     engine = make_engine(llama_loaded, speculative=f"draft={output},k=3,{ANY_BATCH}")
     assert engine.proposer.draft.head_token_ids is not None  # the draft scores a vocabulary subset
-    assert _outputs(engine) == llama_plain
+    assert mixed_outputs(engine) == llama_plain
     assert engine.stats.spec_draft_tokens > 0
     assert_no_leak(engine)
     assert_draft_idle(engine)

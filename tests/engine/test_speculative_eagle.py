@@ -4,33 +4,22 @@ released with the sequences, and `tokenmill draft train` making one."""
 import pytest
 import torch
 
-from tests.conftest import assert_no_leak, make_engine, run_to_completion
+from tests.conftest import assert_no_leak, make_engine, mixed_outputs, mixed_requests, run_to_completion
 from tests.engine.test_speculative import (
     _chi_square_same_distribution,
     _first_tokens,
     _temperature_for_top_probability,
 )
-from tests.engine.test_speculative_draft import ANY_BATCH, _mixed_requests, _outputs
+from tests.engine.test_speculative_draft import ANY_BATCH
 from tokenmill.cli import main
 from tokenmill.models.draft import DraftFileInfo, load_draft, save_draft_file
 from tokenmill.models.eagle import EagleCache, EagleDraft
-from tokenmill.models.loader import load_model
 from tokenmill.train.draft import DraftTrainConfig, train_draft
 from tokenmill.train.eagle_network import EagleNetwork, guess_chain_mask
 
 
 def assert_eagle_idle(engine) -> None:
     assert not engine.proposer.tracks
-
-
-@pytest.fixture(scope="module")
-def llama_loaded(tiny_models):
-    return load_model(str(tiny_models["llama"][0]))
-
-
-@pytest.fixture(scope="module")
-def llama_plain(llama_loaded) -> dict[str, list[int]]:
-    return _outputs(make_engine(llama_loaded))
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +78,7 @@ def test_serving_draft_computes_what_the_training_network_computes(llama_loaded,
 
 def test_greedy_output_with_an_eagle_draft_equals_plain_output(llama_loaded, llama_plain, eagle_file):
     engine = make_engine(llama_loaded, speculative=f"draft={eagle_file},k=3,{ANY_BATCH}", block_size=8)
-    assert _outputs(engine) == llama_plain
+    assert mixed_outputs(engine) == llama_plain
     assert engine.stats.spec_draft_tokens > 0
     assert_no_leak(engine)
     assert_eagle_idle(engine)
@@ -100,7 +89,7 @@ def test_prompt_lookup_first_then_eagle_keeps_greedy_output(llama_loaded, llama_
     guessed = []
     propose = engine.proposer.propose
     engine.proposer.propose = lambda seqs, counts: guessed.append(len(seqs)) or propose(seqs, counts)
-    assert _outputs(engine) == llama_plain
+    assert mixed_outputs(engine) == llama_plain
     assert engine.stats.spec_accepted_tokens > 0
     # The repetitive prompts are served by lookup, so the draft is asked for fewer sequences than run.
     assert sum(guessed) < engine.stats.spec_verifications
@@ -118,11 +107,11 @@ def test_eagle_survives_preemption_prefix_hits_and_aborts(llama_loaded, llama_pl
         num_kv_blocks=12,
         enable_prefix_caching=True,
     )
-    assert _outputs(engine) == llama_plain
+    assert mixed_outputs(engine) == llama_plain
     assert engine.scheduler.num_preemptions > 0
     assert_no_leak(engine)
     assert_eagle_idle(engine)
-    _mixed_requests(engine)
+    mixed_requests(engine)
     for _ in range(6):
         engine.step()
     assert engine.proposer.tracks
@@ -159,3 +148,14 @@ def test_draft_train_cli_makes_an_eagle_draft_by_default(tiny_models, llama_load
     assert 0 < engine.proposer.draft.head_token_ids.numel() <= 500  # scores a vocabulary subset
     engine.add_request("a", [5, 6, 7, 8] * 3)
     assert run_to_completion(engine)["a"].outputs[0].token_ids
+
+
+def test_verification_steps_run_as_decode_rows_through_the_decode_stack(llama_loaded, llama_plain):
+    engine = make_engine(llama_loaded, speculative=f"ngram:k=3,{ANY_BATCH}")
+    stack = engine.model._decode_stack
+    assert stack is not None
+    before = stack.runs()
+    assert mixed_outputs(engine) == llama_plain
+    assert engine.stats.spec_verifications > 0
+    # Every step after the prefills is all-decode, verification spans included.
+    assert stack.runs() - before >= engine.stats.steps - 8

@@ -61,37 +61,48 @@ class ModelRunner:
         positions: list[int] = []
         slots: list[torch.Tensor] = []
         rows: dict[int, tuple[int, int]] = {}
-        decodes = [e for e in entries if e.num_new_tokens == 1]
+        # A verification span (the last known token + its drafts) runs as one decode row per token, row j
+        # seeing the context up to its own position: all-decode steps keep the one-call decode stack.
+        decodes = [e for e in entries if e.num_new_tokens == 1 or _is_verification(e)]
         context_lens = []
+        tables_rows: list[list[int]] = []
+        decode_slots: list[int] = []
         for entry in decodes:
             seq = entry.seq
-            pos = seq.num_computed_tokens
-            rows[id(entry)] = (len(ids), len(ids) + 1)
-            ids.append(seq.token_ids[pos])
-            positions.append(pos)
-            block = seq.block_table[pos // self.block_size]
-            slots.append(torch.tensor([block * self.block_size + pos % self.block_size]))
-            context_lens.append(pos + 1)
-        ctx = AttentionContext(slot_mapping=torch.empty(0, dtype=torch.long), num_decode=len(decodes))
+            start = seq.num_computed_tokens
+            rows[id(entry)] = (len(ids), len(ids) + entry.num_new_tokens)
+            known = seq.token_ids[start : start + entry.num_new_tokens]
+            ids.extend(known + seq.draft_token_ids[: entry.num_new_tokens - len(known)])
+            for pos in range(start, start + entry.num_new_tokens):
+                positions.append(pos)
+                context_lens.append(pos + 1)
+                tables_rows.append(seq.block_table)
+                decode_slots.append(
+                    seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
+                )
+        if decode_slots:
+            slots.append(torch.tensor(decode_slots, dtype=torch.long))
+        ctx = AttentionContext(slot_mapping=torch.empty(0, dtype=torch.long), num_decode=len(ids))
         if decodes:
-            width = max(len(e.seq.block_table) for e in decodes)
+            width = max(len(table) for table in tables_rows)
             tables = torch.tensor(
-                [e.seq.block_table + [0] * (width - len(e.seq.block_table)) for e in decodes],
-                dtype=torch.long,
+                [table + [0] * (width - len(table)) for table in tables_rows], dtype=torch.long
             )
             lengths = torch.tensor(context_lens)
             if self.kv_cache.dtype == torch.float32 and kernels_available():
                 ctx.decode_block_tables, ctx.decode_lengths = tables, lengths
                 ctx.block_size = self.block_size
             else:
-                gather = (tables.unsqueeze(-1) * self.block_size + self._offsets).reshape(len(decodes), -1)
+                gather = (tables.unsqueeze(-1) * self.block_size + self._offsets).reshape(
+                    len(tables_rows), -1
+                )
                 padding = torch.arange(gather.shape[1]) >= lengths.unsqueeze(1)
                 ctx.decode_gather = gather.reshape(-1)
                 ctx.decode_bias = torch.zeros(padding.shape).masked_fill_(padding, float("-inf"))[
                     :, None, None, :
                 ]
         for entry in entries:
-            if entry.num_new_tokens == 1:
+            if entry.num_new_tokens == 1 or _is_verification(entry):
                 continue
             seq = entry.seq
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + entry.num_new_tokens
@@ -161,6 +172,13 @@ class ModelRunner:
         self.phase_seconds["prepare"] += prepared - started
         self.phase_seconds["model"] += computed - prepared
         self.phase_seconds["sample"] += time.perf_counter() - computed
+
+
+def _is_verification(entry: ScheduledSequence) -> bool:
+    """The entry is the sequence's last known token followed by its draft tokens."""
+    seq = entry.seq
+    drafts = len(seq.draft_token_ids)
+    return drafts > 0 and seq.num_computed_tokens == seq.num_tokens - 1 and entry.num_new_tokens == drafts + 1
 
 
 def _rows(x: torch.Tensor, picked: list[int]) -> torch.Tensor:

@@ -24,6 +24,32 @@ def first_layers(num_layers: int) -> list[int]:
     return list(range(num_layers))
 
 
+def layer_parameters(target_weights: dict[str, torch.Tensor], source: int) -> nn.ParameterDict:
+    """A trainable copy of the target's layer `source` (dots in names become underscores)."""
+    prefix = f"model.layers.{source}."
+    return nn.ParameterDict(
+        {
+            name.replace(".", "_"): nn.Parameter(target_weights[prefix + name].float().clone())
+            for name in LAYER_NAMES
+        }
+    )
+
+
+def register_target_tables(
+    module: nn.Module,
+    config: ModelConfig,
+    target_weights: dict[str, torch.Tensor],
+    head_token_ids: torch.Tensor | None,
+) -> None:
+    """The target's embeddings and LM head (its rows for head_token_ids) as frozen buffers `embed`, `head`."""
+    embed = target_weights["model.embed_tokens.weight"].float()
+    head = embed if config.tie_word_embeddings else target_weights["lm_head.weight"].float()
+    if head_token_ids is not None:
+        head = head.index_select(0, head_token_ids)
+    module.register_buffer("embed", embed, persistent=False)
+    module.register_buffer("head", head.contiguous(), persistent=False)
+
+
 class DraftNetwork(nn.Module):
     def __init__(
         self,
@@ -36,23 +62,9 @@ class DraftNetwork(nn.Module):
         super().__init__()
         self.config = config
         self.source_layers = source_layers
-        self.layers = nn.ModuleList()
-        for source in source_layers:
-            prefix = f"model.layers.{source}."
-            layer = nn.ParameterDict(
-                {
-                    name.replace(".", "_"): nn.Parameter(target_weights[prefix + name].float().clone())
-                    for name in LAYER_NAMES
-                }
-            )
-            self.layers.append(layer)
+        self.layers = nn.ModuleList(layer_parameters(target_weights, source) for source in source_layers)
         self.norm = nn.Parameter(target_weights["model.norm.weight"].float().clone())
-        embed = target_weights["model.embed_tokens.weight"].float()
-        head = embed if config.tie_word_embeddings else target_weights["lm_head.weight"].float()
-        if head_token_ids is not None:
-            head = head.index_select(0, head_token_ids)
-        self.register_buffer("embed", embed, persistent=False)  # frozen: the target's own tables
-        self.register_buffer("head", head.contiguous(), persistent=False)
+        register_target_tables(self, config, target_weights, head_token_ids)
         self.rotary = RotaryEmbedding(config.head_dim, max_positions, config.rope_theta, config.rope_scaling)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

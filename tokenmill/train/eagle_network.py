@@ -23,6 +23,7 @@ from tokenmill.layers.norm import rms_norm
 from tokenmill.layers.rotary import RotaryEmbedding
 from tokenmill.models.draft import LAYER_NAMES
 from tokenmill.models.eagle import EAGLE_FC_BIAS, EAGLE_FC_WEIGHT
+from tokenmill.train.draft_network import layer_parameters, register_target_tables
 
 
 class EagleNetwork(nn.Module):
@@ -37,21 +38,10 @@ class EagleNetwork(nn.Module):
         super().__init__()
         self.config = config
         hidden = config.hidden_size
-        prefix = f"model.layers.{source_layer}."
-        self.layer = nn.ParameterDict(
-            {
-                name.replace(".", "_"): nn.Parameter(target_weights[prefix + name].float().clone())
-                for name in LAYER_NAMES
-            }
-        )
+        self.layer = layer_parameters(target_weights, source_layer)
         self.fc = nn.Linear(2 * hidden, hidden)
         self.norm = nn.Parameter(target_weights["model.norm.weight"].float().clone())
-        embed = target_weights["model.embed_tokens.weight"].float()
-        head = embed if config.tie_word_embeddings else target_weights["lm_head.weight"].float()
-        if head_token_ids is not None:
-            head = head.index_select(0, head_token_ids)
-        self.register_buffer("embed", embed, persistent=False)  # frozen: the target's own tables
-        self.register_buffer("head", head.contiguous(), persistent=False)
+        register_target_tables(self, config, target_weights, head_token_ids)
         self.rotary = RotaryEmbedding(config.head_dim, max_positions, config.rope_theta, config.rope_scaling)
 
     def forward(self, features: torch.Tensor, next_ids: torch.Tensor, depth: int) -> list[torch.Tensor]:
