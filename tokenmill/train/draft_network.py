@@ -50,6 +50,33 @@ def register_target_tables(
     module.register_buffer("head", head.contiguous(), persistent=False)
 
 
+def qkv_projections(
+    hidden: torch.Tensor, w: dict[str, torch.Tensor], cfg: ModelConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A layer's input norm and q, k, v projections: [B, L, heads, D] each, before rotary."""
+    batch, length, _ = hidden.shape
+    x = rms_norm(hidden, w["input_layernorm.weight"], cfg.rms_norm_eps)
+    q = F.linear(x, w["self_attn.q_proj.weight"]).view(batch, length, cfg.num_heads, cfg.head_dim)
+    k = F.linear(x, w["self_attn.k_proj.weight"]).view(batch, length, cfg.num_kv_heads, cfg.head_dim)
+    v = F.linear(x, w["self_attn.v_proj.weight"]).view(batch, length, cfg.num_kv_heads, cfg.head_dim)
+    return q, k, v
+
+
+def layer_tail(
+    hidden: torch.Tensor, attended: torch.Tensor, w: dict[str, torch.Tensor], eps: float
+) -> torch.Tensor:
+    """The rest of a layer after attention ([B, heads, L, D]): output projection and SiLU-gated MLP,
+    each added to the residual stream."""
+    batch, _, length, _ = attended.shape
+    hidden = hidden + F.linear(
+        attended.transpose(1, 2).reshape(batch, length, -1), w["self_attn.o_proj.weight"]
+    )
+    x = rms_norm(hidden, w["post_attention_layernorm.weight"], eps)
+    gate = F.linear(x, w["mlp.gate_proj.weight"])
+    up = F.linear(x, w["mlp.up_proj.weight"])
+    return hidden + F.linear(F.silu(gate) * up, w["mlp.down_proj.weight"])
+
+
 class DraftNetwork(nn.Module):
     def __init__(
         self,
@@ -75,20 +102,12 @@ class DraftNetwork(nn.Module):
         cos, sin = self.rotary.tables(torch.arange(length), hidden.dtype)  # [T, D/2]
         for layer in self.layers:
             w = {name: layer[name.replace(".", "_")] for name in LAYER_NAMES}
-            x = rms_norm(hidden, w["input_layernorm.weight"], cfg.rms_norm_eps)
-            q = F.linear(x, w["self_attn.q_proj.weight"]).view(batch, length, cfg.num_heads, cfg.head_dim)
-            k = F.linear(x, w["self_attn.k_proj.weight"]).view(batch, length, cfg.num_kv_heads, cfg.head_dim)
-            v = F.linear(x, w["self_attn.v_proj.weight"]).view(batch, length, cfg.num_kv_heads, cfg.head_dim)
+            q, k, v = qkv_projections(hidden, w, cfg)
             q, k = self.rotary.apply(q, k, cos, sin)
             attended = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
             )
-            attended = attended.transpose(1, 2).reshape(batch, length, cfg.num_heads * cfg.head_dim)
-            hidden = hidden + F.linear(attended, w["self_attn.o_proj.weight"])
-            x = rms_norm(hidden, w["post_attention_layernorm.weight"], cfg.rms_norm_eps)
-            gate = F.linear(x, w["mlp.gate_proj.weight"])
-            up = F.linear(x, w["mlp.up_proj.weight"])
-            hidden = hidden + F.linear(F.silu(gate) * up, w["mlp.down_proj.weight"])
+            hidden = layer_tail(hidden, attended, w, cfg.rms_norm_eps)
         return rms_norm(hidden, self.norm, cfg.rms_norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

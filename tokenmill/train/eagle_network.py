@@ -23,7 +23,12 @@ from tokenmill.layers.norm import rms_norm
 from tokenmill.layers.rotary import RotaryEmbedding
 from tokenmill.models.draft import LAYER_NAMES
 from tokenmill.models.eagle import EAGLE_FC_BIAS, EAGLE_FC_WEIGHT
-from tokenmill.train.draft_network import layer_parameters, register_target_tables
+from tokenmill.train.draft_network import (
+    layer_parameters,
+    layer_tail,
+    qkv_projections,
+    register_target_tables,
+)
 
 
 class EagleNetwork(nn.Module):
@@ -49,7 +54,7 @@ class EagleNetwork(nn.Module):
         positions 1..L. Returns `depth` predictions [B, L, H]; pass d's row i predicts the target's hidden
         state at i + 1 from d - 1 guessed states before it (rows i < d - 1 are meaningless)."""
         cfg = self.config
-        batch, length, _ = features.shape
+        length = features.shape[1]
         w = {name: self.layer[name.replace(".", "_")] for name in LAYER_NAMES}
         embedded = F.embedding(next_ids, self.embed)
         cos, sin = self.rotary.tables(torch.arange(length), features.dtype)
@@ -59,16 +64,7 @@ class EagleNetwork(nn.Module):
         inputs = features
         for d in range(1, depth + 1):
             x = self.fc(torch.cat([inputs, embedded], dim=-1))
-            normed = rms_norm(x, w["input_layernorm.weight"], cfg.rms_norm_eps)
-            q = F.linear(normed, w["self_attn.q_proj.weight"]).view(
-                batch, length, cfg.num_heads, cfg.head_dim
-            )
-            k = F.linear(normed, w["self_attn.k_proj.weight"]).view(
-                batch, length, cfg.num_kv_heads, cfg.head_dim
-            )
-            v = F.linear(normed, w["self_attn.v_proj.weight"]).view(
-                batch, length, cfg.num_kv_heads, cfg.head_dim
-            )
+            q, k, v = qkv_projections(x, w, cfg)
             q, k = self.rotary.apply(q, k, cos, sin)
             keys.append(k.transpose(1, 2))
             values.append(v.transpose(1, 2))
@@ -79,12 +75,7 @@ class EagleNetwork(nn.Module):
                 attn_mask=guess_chain_mask(length, d),
                 enable_gqa=True,
             )
-            attended = attended.transpose(1, 2).reshape(batch, length, cfg.num_heads * cfg.head_dim)
-            x = x + F.linear(attended, w["self_attn.o_proj.weight"])
-            normed = rms_norm(x, w["post_attention_layernorm.weight"], cfg.rms_norm_eps)
-            gate = F.linear(normed, w["mlp.gate_proj.weight"])
-            up = F.linear(normed, w["mlp.up_proj.weight"])
-            x = x + F.linear(F.silu(gate) * up, w["mlp.down_proj.weight"])
+            x = layer_tail(x, attended, w, cfg.rms_norm_eps)
             out = rms_norm(x, self.norm, cfg.rms_norm_eps)
             outputs.append(out)
             # Next pass: row i gets the state this pass predicted for position i (row i - 1's output).
