@@ -114,7 +114,7 @@ def choose_head_tokens(samples: list[Sample], count: int, always: tuple[int, ...
 
 def _batch(samples: list[Sample], column: torch.Tensor | None, max_length: int) -> tuple[torch.Tensor, ...]:
     """Right-padded ids and labels: position t of an answer is labelled with the target's token t + 1."""
-    rows = [(s.prompt_ids + s.output_ids)[:max_length] for s in samples]
+    rows = [s.token_ids(max_length) for s in samples]
     width = max(len(r) for r in rows)
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
@@ -212,16 +212,11 @@ def train_draft(config: DraftTrainConfig, loaded: LoadedModel | None = None) -> 
     head_ids = None
     if config.head_tokens and config.head_tokens < cfg.vocab_size:
         head_ids = choose_head_tokens([samples[i] for i in train], config.head_tokens, engine.eos_token_ids)
-    sources = config.source_layers or first_layers(config.num_layers)
-    if config.kind == "eagle":
-        sources = config.source_layers or [0]
-    if len(sources) != (1 if config.kind == "eagle" else config.num_layers) or not all(
-        0 <= s < cfg.num_layers for s in sources
-    ):
+    num_layers = 1 if config.kind == "eagle" else config.num_layers
+    sources = config.source_layers or first_layers(num_layers)
+    if len(sources) != num_layers or not all(0 <= s < cfg.num_layers for s in sources):
         raise InvalidParameterError(
-            f"source_layers must be {config.num_layers} layer indices in [0, {cfg.num_layers}) "
-            "(one for an eagle draft)",
-            "source_layers",
+            f"source_layers must be {num_layers} layer indices in [0, {cfg.num_layers})", "source_layers"
         )
     del engine
     if config.kind == "eagle":
@@ -269,7 +264,7 @@ def train_draft(config: DraftTrainConfig, loaded: LoadedModel | None = None) -> 
         target=cfg.name,
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
-        num_layers=1 if config.kind == "eagle" else config.num_layers,
+        num_layers=num_layers,
         source_layers=sources,
         extra={"steps": step, "final_loss": ema, "samples": len(samples), "answer_tokens": answer_tokens},
         kind=config.kind,

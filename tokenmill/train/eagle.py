@@ -40,7 +40,7 @@ class EagleTrainer:
         target = LlamaModel(config, weights, max_length + 1)
         # fp16 halves the memory of ~600k states; they are rounded once, the draft sees them in fp32.
         self.states = [s.half() for s in sample_features(target, samples, max_length)]
-        self.ids = [torch.tensor((s.prompt_ids + s.output_ids)[:max_length]) for s in samples]
+        self.ids = [torch.tensor(s.token_ids(max_length)) for s in samples]
         with torch.no_grad():
             self.labels = [self.network.logits(s.float()).argmax(-1) for s in self.states]
 

@@ -28,9 +28,9 @@ def sample_features(
             group: list[list[int]] = []
             while index < len(samples) and (
                 not group
-                or sum(map(len, group)) + len(_tokens(samples[index], max_length)) <= tokens_per_pass
+                or sum(map(len, group)) + len(samples[index].token_ids(max_length)) <= tokens_per_pass
             ):
-                group.append(_tokens(samples[index], max_length))
+                group.append(samples[index].token_ids(max_length))
                 index += 1
             total = sum(map(len, group))
             kv_cache = torch.zeros(cfg.num_layers, 2, total, cfg.num_kv_heads, cfg.head_dim)
@@ -46,7 +46,3 @@ def sample_features(
             out.extend(part.clone() for part in hidden.split([len(ids) for ids in group]))
             bar.update(len(group))
     return out
-
-
-def _tokens(sample: Sample, max_length: int) -> list[int]:
-    return (sample.prompt_ids + sample.output_ids)[:max_length]

@@ -25,6 +25,10 @@ class Sample:
     output_ids: list[int]
     greedy: bool = True  # False: sampled at a temperature, for more varied text (its tokens are not argmaxes)
 
+    def token_ids(self, max_length: int) -> list[int]:
+        """Prompt then answer, cut at max_length: the text a draft trains on."""
+        return (self.prompt_ids + self.output_ids)[:max_length]
+
 
 def training_conversations(seed: int = 0) -> list[list[dict]]:
     """Every template filled with every topic, plus the free questions, in a seeded random order."""
