@@ -2,6 +2,8 @@
 back and freed, typed errors for bad drafts."""
 
 import copy
+import json
+from importlib import resources
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from tests.engine.test_speculative import (
     _first_tokens,
     _temperature_for_top_probability,
 )
+from tokenmill.bench.workloads import chat_messages, grounded_messages
 from tokenmill.cli import main
 from tokenmill.engine.speculative import SpeculativeConfig
 from tokenmill.errors import IncompatibleDraftError, InvalidParameterError, ModelLoadError
@@ -20,6 +23,7 @@ from tokenmill.llm import LLM
 from tokenmill.models.draft import DraftFileInfo, save_draft_file
 from tokenmill.models.loader import load_model
 from tokenmill.sampling import SamplingParams
+from tokenmill.train.samples import training_conversations
 
 ANY_BATCH = "crossover_tokens=100000"  # speculate at every batch size
 
@@ -171,3 +175,14 @@ def test_draft_train_writes_a_file_that_speculates_exactly(
     assert engine.stats.spec_draft_tokens > 0
     assert_no_leak(engine)
     assert_draft_idle(engine)
+
+
+def test_training_prompts_lead_with_the_questions_and_never_hold_a_benchmark_prompt():
+    bench = {m[0]["content"].lower() for m in chat_messages() + grounded_messages()}
+    texts = [c[0]["content"] for c in training_conversations(seed=0)]
+    assert len(texts) == len(set(texts)) and not bench & {t.lower() for t in texts}
+    data = json.loads(resources.files("tokenmill.train").joinpath("data/draft_prompts.json").read_text())
+    questions = set(data["questions"])
+    head = texts[: 2 * len(questions)]  # answers are collected for a fixed time: the varied text comes first
+    assert sum(t in questions for t in head) == len(questions)
+    assert training_conversations(seed=0) == training_conversations(seed=0) != training_conversations(seed=1)

@@ -31,11 +31,18 @@ class Sample:
 
 
 def training_conversations(seed: int = 0) -> list[list[dict]]:
-    """Every template filled with every topic, plus the free questions, in a seeded random order."""
+    """The shipped questions interleaved one for one with template prompts (every template filled with
+    every topic), in a seeded random order. The questions come early because answers are collected for a
+    fixed time: they are the varied text (many forms and subjects), the templates repeat each topic."""
     data = json.loads(resources.files("tokenmill.train").joinpath("data/draft_prompts.json").read_text())
-    texts = [t.format(topic=topic) for t in data["templates"] for topic in data["topics"]]
-    texts += data["questions"]
-    random.Random(seed).shuffle(texts)
+    rng = random.Random(seed)
+    templated = [t.format(topic=topic) for t in data["templates"] for topic in data["topics"]]
+    questions = list(data["questions"])
+    rng.shuffle(templated)
+    rng.shuffle(questions)
+    texts = [text for pair in zip(questions, templated, strict=False) for text in pair]
+    shared = min(len(questions), len(templated))
+    texts += questions[shared:] + templated[shared:]
     return [[{"role": "user", "content": text}] for text in texts]
 
 
