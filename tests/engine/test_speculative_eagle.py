@@ -159,3 +159,53 @@ def test_verification_steps_run_as_decode_rows_through_the_decode_stack(llama_lo
     assert engine.stats.spec_verifications > 0
     # Every step after the prefills is all-decode, verification spans included.
     assert stack.runs() - before >= engine.stats.steps - 8
+
+
+@pytest.mark.parametrize("decode_stack", [True, False])
+def test_second_choice_branch_is_verified_exactly_in_the_same_pass(
+    llama_loaded, llama_plain, eagle_file, decode_stack
+):
+    """The draft's second choice for the first token rides along as its own decode row (scratch block, the
+    parent's K/V copied in); when the target picks it, it and the token after it are kept, exactly. Every
+    other proposal here is made wrong at its first token with the right one as the branch (the tiny draft's
+    own second choices are rarely right)."""
+    engine = make_engine(llama_loaded, speculative=f"draft={eagle_file},k=3,{ANY_BATCH}", block_size=8)
+    vocab = llama_loaded.config.vocab_size
+    guess = engine.proposer._guess
+    calls = []
+
+    def wrong_first_right_branch(seq, track, k):
+        proposal = guess(seq, track, k)
+        truth = llama_plain[seq.request_id][seq.num_output_tokens]
+        calls.append(seq.seq_id)
+        if len(calls) % 2:
+            proposal.token_ids[0] = (truth + 1) % vocab
+            proposal.branch = truth
+        return proposal
+
+    engine.proposer._guess = wrong_first_right_branch
+    stack = engine.model._decode_stack
+    if not decode_stack:
+        engine.model._decode_stack = None  # the Python layers: slot copies through paged_attention
+    try:
+        assert mixed_outputs(engine) == llama_plain
+    finally:
+        engine.model._decode_stack = stack
+    assert engine.stats.spec_branch_tokens >= len(calls) // 4
+    assert_no_leak(engine)
+    assert_eagle_idle(engine)
+
+
+def test_the_branch_can_be_turned_off(llama_loaded, llama_plain, eagle_file):
+    engine = make_engine(llama_loaded, speculative=f"draft={eagle_file},k=3,branch=0,{ANY_BATCH}")
+    guess = engine.proposer._guess
+    branches = []
+
+    def recording(seq, track, k):
+        proposal = guess(seq, track, k)
+        branches.append(proposal.branch)
+        return proposal
+
+    engine.proposer._guess = recording
+    assert mixed_outputs(engine) == llama_plain
+    assert branches and not any(branches) and engine.stats.spec_branch_tokens == 0

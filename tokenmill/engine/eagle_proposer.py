@@ -38,9 +38,10 @@ class _Track:
 class EagleProposer(Proposer):
     wants_hidden_states = True
 
-    def __init__(self, draft: EagleDraft, vocab_size: int) -> None:
+    def __init__(self, draft: EagleDraft, vocab_size: int, branch: bool = True) -> None:
         self.draft = draft
         self.vocab_size = vocab_size
+        self.branch = branch
         self.tracks: dict[int, _Track] = {}
 
     def release(self, seq: Sequence) -> None:
@@ -74,11 +75,17 @@ class EagleProposer(Proposer):
         position = track.filled  # the guessed state's position: the sequence's last token
         tokens: list[int] = []
         dists: list[torch.Tensor] = []
+        branch = None
         for step in range(k):
-            guess, dist = pick_guesses(draft.logits(hidden), [seq], draft.head_token_ids, self.vocab_size)
+            logits = draft.logits(hidden)
+            guess, dist = pick_guesses(logits, [seq], draft.head_token_ids, self.vocab_size)
             tokens.append(guess[0])
+            if step == 0 and self.branch and seq.params.greedy and logits.shape[-1] > 1:
+                column = logits[0].topk(2).indices[1]
+                branch = int(draft.head_token_ids[column] if draft.head_token_ids is not None else column)
+                branch = None if branch == guess[0] else branch  # a tie can put the argmax second
             if dist[0] is not None:
                 dists.append(dist[0])
             if step + 1 < k:
                 hidden = draft.extend(track.cache, hidden, torch.tensor(guess), position + step)
-        return DraftProposal(tokens, torch.stack(dists) if dists else None)
+        return DraftProposal(tokens, torch.stack(dists) if dists else None, branch)

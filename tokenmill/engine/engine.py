@@ -31,6 +31,7 @@ from tokenmill.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from tokenmill.sampling import SamplingParams
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BRANCH_BLOCKS = 8
 
 
 @dataclass
@@ -46,6 +47,7 @@ class EngineStats:
     spec_verifications: int = 0  # sequence-steps that verified drafts
     spec_draft_tokens: int = 0
     spec_accepted_tokens: int = 0
+    spec_branch_tokens: int = 0  # accepted first tokens that were the draft's second choice
     # Wall seconds per step phase: schedule, prepare, model, sample, postprocess (and propose when
     # speculating). Everything but "model" is host overhead.
     phase_seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
@@ -95,7 +97,10 @@ class LLMEngine:
         num_blocks = config.num_kv_blocks or max(1, int(config.kv_cache_gib * 2**30 // per_block))
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
-        self.runner = ModelRunner(self.model, config, num_blocks, dtype)
+        # Scratch blocks for the branch candidates of speculative verification (speculation only runs
+        # at small batches; more branches than this in one step go unverified).
+        branch_blocks = BRANCH_BLOCKS if config.speculative else 0
+        self.runner = ModelRunner(self.model, config, num_blocks, dtype, branch_blocks)
         self.eos_token_ids = tuple(
             sorted(set(self.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids))
         )
@@ -115,7 +120,7 @@ class LLMEngine:
             quantization = self.config.quantization or ("int8" if kernels_available() else None)
             draft = load_draft(spec.draft_path, self.loaded, self.max_model_len, dtype, quantization)
             if isinstance(draft, EagleDraft):
-                return EagleProposer(draft, self.model_config.vocab_size)
+                return EagleProposer(draft, self.model_config.vocab_size, branch=bool(spec.branch))
             # As many blocks as the target: the draft can hold every running sequence, at a fraction
             # of the memory (its KV per token is small).
             return DraftModelProposer(draft, self.config, num_blocks, self.model_config.vocab_size)
@@ -242,6 +247,9 @@ class LLMEngine:
             if observing:
                 first = self.runner.last_ranges[index][0]
                 hidden = self.runner.last_hidden[first : first + verified]
+                if seq.seq_id in self.runner.branch_taken:  # the last known token's row, then the branch's
+                    branch_row = self.runner.branch_taken[seq.seq_id]
+                    hidden = torch.cat([hidden[:1], self.runner.last_hidden[branch_row : branch_row + 1]])
                 self.proposer.observe(seq, seq.num_computed_tokens, hidden)
             if seq.seq_id not in results:
                 seq.num_computed_tokens += verified
@@ -252,6 +260,7 @@ class LLMEngine:
             seq.num_computed_tokens += verified
             seq.draft_token_ids = []
             seq.draft_probs = None
+            seq.draft_branch = None
             if request.params.n > 1 and not request.forked:
                 self._fork(request, seq)
             if drafts:
@@ -261,6 +270,7 @@ class LLMEngine:
                 self.stats.spec_verifications += 1
                 self.stats.spec_draft_tokens += drafts
                 self.stats.spec_accepted_tokens += len(tokens) - 1
+                self.stats.spec_branch_tokens += seq.seq_id in self.runner.branch_taken
             for token, logprob in tokens:
                 self._append_token(request, seq, token, logprob, now)
                 if seq.is_finished:
@@ -278,6 +288,7 @@ class LLMEngine:
         for seq in running:
             seq.draft_token_ids = []
             seq.draft_probs = None
+            seq.draft_branch = None
         if len(running) > self.speculative.max_batch:
             return
         seqs, counts = [], []
@@ -306,6 +317,7 @@ class LLMEngine:
         for seq, proposal in zip(seqs, self.proposer.propose(seqs, counts), strict=True):
             seq.draft_token_ids = proposal.token_ids
             seq.draft_probs = proposal.probs
+            seq.draft_branch = proposal.branch if proposal.token_ids else None
 
     def _release_draft(self, seq: Sequence) -> None:
         if self.proposer is not None:

@@ -25,14 +25,27 @@ def kv_bytes_per_block(model_config: ModelConfig, block_size: int, dtype: torch.
 
 class ModelRunner:
     def __init__(
-        self, model: LlamaModel, engine_config: EngineConfig, num_blocks: int, dtype: torch.dtype
+        self,
+        model: LlamaModel,
+        engine_config: EngineConfig,
+        num_blocks: int,
+        dtype: torch.dtype,
+        branch_blocks: int = 0,
     ) -> None:
+        """`branch_blocks` scratch blocks past the block manager's hold branch candidates' K/V (one each)."""
         cfg = model.config
         self.model = model
         self.block_size = engine_config.block_size
+        self.num_blocks = num_blocks
+        self.branch_blocks = branch_blocks
+        total_slots = (num_blocks + branch_blocks) * self.block_size
         self.kv_cache = torch.zeros(
-            cfg.num_layers, 2, num_blocks * self.block_size, cfg.num_kv_heads, cfg.head_dim, dtype=dtype
+            cfg.num_layers, 2, total_slots, cfg.num_kv_heads, cfg.head_dim, dtype=dtype
         )
+        # Per step: seq_id -> (branch row, its scratch slot, the real slot of its position); and the
+        # sequences whose branch the target took -> that row (its hidden state is the verified one).
+        self.branch_rows: dict[int, tuple[int, int, int]] = {}
+        self.branch_taken: dict[int, int] = {}
         self._offsets = torch.arange(self.block_size)
         self.phase_seconds: defaultdict[str, float] = defaultdict(float)
         # Set by execute(keep_hidden=True): the step's final hidden states and each entry's row range.
@@ -80,9 +93,12 @@ class ModelRunner:
                 decode_slots.append(
                     seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
                 )
+        copies = self._branch_rows(decodes, ids, positions, context_lens, tables_rows, decode_slots)
         if decode_slots:
             slots.append(torch.tensor(decode_slots, dtype=torch.long))
         ctx = AttentionContext(slot_mapping=torch.empty(0, dtype=torch.long), num_decode=len(ids))
+        if copies:
+            ctx.slot_copies = torch.tensor(copies, dtype=torch.long)
         if decodes:
             width = max(len(table) for table in tables_rows)
             tables = torch.tensor(
@@ -122,6 +138,50 @@ class ModelRunner:
         ctx.slot_mapping = torch.cat(slots)
         return torch.tensor(ids), torch.tensor(positions), ctx, [rows[id(e)] for e in entries]
 
+    def _branch_rows(
+        self,
+        decodes: list[ScheduledSequence],
+        ids: list[int],
+        positions: list[int],
+        context_lens: list[int],
+        tables_rows: list[list[int]],
+        decode_slots: list[int],
+    ) -> list[tuple[int, int]]:
+        """A decode row for each verification's branch: its second candidate for position p + 1 (p the last
+        known token), reading the context up to p and never the chain's own guess at p + 1. Its K/V go to a
+        scratch block standing in for the block that holds p + 1. When p shares that block, the scratch
+        block starts as a copy of it, and p's K/V, made in this very step, are copied in by the model once
+        written (returned as (slot, slot) pairs for AttentionContext.slot_copies)."""
+        self.branch_rows = {}
+        copies: list[tuple[int, int]] = []
+        size = self.block_size
+        free = iter(range(self.num_blocks, self.num_blocks + self.branch_blocks))
+        for entry in decodes:
+            seq = entry.seq
+            if seq.draft_branch is None or not _is_verification(entry):
+                continue
+            scratch = next(free, None)
+            if scratch is None:
+                break
+            p = seq.num_computed_tokens
+            block = (p + 1) // size
+            table = list(seq.block_table)
+            real_slot = table[block] * size + (p + 1) % size
+            if p // size == block:  # positions before p in the block: K/V from earlier steps
+                real, used = table[block] * size, p % size
+                self.kv_cache[:, :, scratch * size : scratch * size + used] = self.kv_cache[
+                    :, :, real : real + used
+                ]
+                copies.append((table[block] * size + p % size, scratch * size + p % size))
+            table[block] = scratch
+            self.branch_rows[seq.seq_id] = (len(ids), scratch * size + (p + 1) % size, real_slot)
+            ids.append(seq.draft_branch)
+            positions.append(p + 1)
+            context_lens.append(p + 2)
+            tables_rows.append(table)
+            decode_slots.append(scratch * size + (p + 1) % size)
+        return copies
+
     def execute(
         self, batch: ScheduledBatch, rows: dict[int, SamplingRow], keep_hidden: bool = False
     ) -> dict[int, StepResult]:
@@ -142,18 +202,28 @@ class ModelRunner:
         picked: list[int] = []
         for seq, (start, end) in wanted:
             picked.extend(range(start, end) if seq.draft_token_ids else [end - 1])
+            if seq.seq_id in self.branch_rows:
+                picked.append(self.branch_rows[seq.seq_id][0])
         logits = self.model.compute_logits(_rows(hidden, picked))
         computed = time.perf_counter()
         results: dict[int, StepResult] = {}
         offset = 0
         plain: list = []
         plain_rows: list[int] = []
+        self.branch_taken = {}
         for seq, _ in wanted:
             if seq.draft_token_ids:
                 count = len(seq.draft_token_ids) + 1
                 tokens = verify_draft(
                     logits[offset : offset + count], seq.draft_token_ids, rows[seq.seq_id], seq.draft_probs
                 )
+                if seq.seq_id in self.branch_rows:
+                    if tokens[0] == seq.draft_branch:  # greedy: the target's token is the second candidate
+                        tokens = [seq.draft_branch, int(logits[offset + count].argmax())]
+                        row, scratch_slot, real_slot = self.branch_rows[seq.seq_id]
+                        self.kv_cache[:, :, real_slot] = self.kv_cache[:, :, scratch_slot]
+                        self.branch_taken[seq.seq_id] = row
+                    offset += 1
                 results[seq.seq_id] = [(t, None) for t in tokens]
                 offset += count
             else:

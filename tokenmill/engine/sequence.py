@@ -39,6 +39,8 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)
     draft_token_ids: list[int] = field(default_factory=list)
     draft_probs: torch.Tensor | None = None  # [k, vocab] the proposer's q, when it sampled its guesses
+    # Greedy only: a second candidate for the first draft token, verified in the same pass (runner.py).
+    draft_branch: int | None = None
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
@@ -81,5 +83,6 @@ class Sequence:
         self.block_hashes = []
         self.draft_token_ids = []
         self.draft_probs = None
+        self.draft_branch = None
         self.status = SequenceStatus.WAITING
         self.num_preemptions += 1

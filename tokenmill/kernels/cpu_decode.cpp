@@ -56,10 +56,11 @@ class DecodeStack : public torch::CustomClassHolder {
   }
 
   // hidden [T, H] (the residual stream, updated in place) and x = input_norm(hidden) of layer 0; every row
-  // a decode whose K/V go to slot_mapping[t]. Returns final_norm(hidden after the last layer).
+  // a decode whose K/V go to slot_mapping[t], then slot_copies [E, 2] copy slot [e][0] to [e][1] (E may be
+  // 0). Returns final_norm(hidden after the last layer).
   at::Tensor run(at::Tensor hidden, at::Tensor x, at::Tensor kv_cache, at::Tensor slot_mapping,
                  at::Tensor block_tables, at::Tensor lengths, int64_t block_size, at::Tensor cos, at::Tensor sin,
-                 at::Tensor final_norm) {
+                 at::Tensor final_norm, at::Tensor slot_copies) {
     const int64_t T = hidden.size(0), q_size = heads_ * head_dim_, kv_size = kv_heads_ * head_dim_;
     TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.is_contiguous() && kv_cache.size(0) == (int64_t)layers_.size() &&
                     kv_cache.size(3) == kv_heads_ && kv_cache.size(4) == head_dim_,
@@ -71,6 +72,12 @@ class DecodeStack : public torch::CustomClassHolder {
     const int64_t slots = kv_cache.size(2);
     const int64_t* slot = slot_mapping.data_ptr<int64_t>();
     for (int64_t t = 0; t < T; ++t) TORCH_CHECK(slot[t] >= 0 && slot[t] < slots, "cache slot out of range");
+    TORCH_CHECK(slot_copies.scalar_type() == at::kLong && slot_copies.is_contiguous() &&
+                    (slot_copies.numel() == 0 || (slot_copies.dim() == 2 && slot_copies.size(1) == 2)),
+                "slot_copies must be int64 [E, 2]");
+    const int64_t copies = slot_copies.numel() / 2;
+    const int64_t* copy = slot_copies.data_ptr<int64_t>();
+    for (int64_t e = 0; e < 2 * copies; ++e) TORCH_CHECK(copy[e] >= 0 && copy[e] < slots, "copy slot out of range");
     for (size_t index = 0; index < layers_.size(); ++index) {
       const Layer& layer = layers_[index];
       at::Tensor qkv = linear(x, layer.qkv);
@@ -80,6 +87,7 @@ class DecodeStack : public torch::CustomClassHolder {
       at::Tensor k_cache = kv_cache.select(0, index).select(0, 0);
       at::Tensor v_cache = kv_cache.select(0, index).select(0, 1);
       write_cache(qkv, q_size, kv_size, slot, T, k_cache, v_cache);
+      copy_slots(copy, copies, kv_size, k_cache, v_cache);
       at::Tensor attended = tokenmill::paged_decode_attention(q, k_cache, v_cache, block_tables, lengths,
                                                               block_size, scale_);
       x = tokenmill::add_rms_norm_(hidden, linear(attended.view({T, q_size}), layer.o_proj), layer.post_norm,
@@ -123,6 +131,16 @@ class DecodeStack : public torch::CustomClassHolder {
     for (int64_t t = 0; t < T; ++t) {
       std::memcpy(keys + slot[t] * kv_size, rows + t * stride + q_size, kv_size * sizeof(float));
       std::memcpy(values + slot[t] * kv_size, rows + t * stride + q_size + kv_size, kv_size * sizeof(float));
+    }
+  }
+
+  void copy_slots(const int64_t* copy, int64_t copies, int64_t kv_size, at::Tensor& k_cache,
+                  at::Tensor& v_cache) const {
+    float* keys = k_cache.data_ptr<float>();
+    float* values = v_cache.data_ptr<float>();
+    for (int64_t e = 0; e < copies; ++e) {
+      std::memcpy(keys + copy[2 * e + 1] * kv_size, keys + copy[2 * e] * kv_size, kv_size * sizeof(float));
+      std::memcpy(values + copy[2 * e + 1] * kv_size, values + copy[2 * e] * kv_size, kv_size * sizeof(float));
     }
   }
 

@@ -36,6 +36,9 @@ class AttentionContext:
     decode_gather: torch.Tensor | None = None  # [B * S] cache slots, each row padded to S
     decode_bias: torch.Tensor | None = None  # [B, 1, 1, S] 0 where the key is real, -inf on padding
     prefills: list[PrefillSpan] = field(default_factory=list)
+    # [E, 2] cache slots: once this step's K/V are written, slot [e, 0] is copied to slot [e, 1] (a branch
+    # candidate's scratch block needs its parent token's K/V, made in the same step; engine/runner.py).
+    slot_copies: torch.Tensor | None = None
 
 
 def paged_attention(
@@ -50,6 +53,10 @@ def paged_attention(
     """q: [T, Hq, D]; k, v: [T, Hkv, D]; caches: [num_slots, Hkv, D]. Returns [T, Hq, D]."""
     k_cache.index_copy_(0, ctx.slot_mapping, k)
     v_cache.index_copy_(0, ctx.slot_mapping, v)
+    if ctx.slot_copies is not None:
+        sources, targets = ctx.slot_copies[:, 0], ctx.slot_copies[:, 1]
+        k_cache[targets] = k_cache[sources]
+        v_cache[targets] = v_cache[sources]
     out = torch.empty_like(q)
     if ctx.num_decode and ctx.decode_gather is None:
         out[: ctx.num_decode] = torch.ops.tokenmill.paged_decode_attention(

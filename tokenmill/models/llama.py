@@ -24,6 +24,8 @@ from tokenmill.layers.linear import (
 from tokenmill.layers.norm import add_rms_norm, rms_norm, silu_mul
 from tokenmill.layers.rotary import RotaryEmbedding
 
+_NO_COPIES = torch.empty(0, 2, dtype=torch.long)  # DecodeStack.run: no slot copies this step
+
 
 @dataclass(slots=True)
 class DecoderLayerWeights:
@@ -144,6 +146,7 @@ class LlamaModel:
                 cos,
                 sin,
                 self.norm,
+                ctx.slot_copies if ctx.slot_copies is not None else _NO_COPIES,
             )
         for index, layer in enumerate(self.layers):
             qkv = layer.qkv(x)
