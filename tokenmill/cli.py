@@ -301,8 +301,13 @@ def cmd_draft_train(args: argparse.Namespace) -> int:
         f"held-out agreement with the target {result.heldout_agreement:.1%}"
         + (" (guesses 1..n: " + ", ".join(f"{a:.1%}" for a in result.heldout_by_depth) + ")")
     )
-    extra = ",ngram=1" if config.kind == "eagle" else ""
-    print(f"use it with: --speculative draft={result.output},k=4{extra}")
+    if config.kind == "eagle":  # best measured on 2 cores (BENCHMARKS.md, session 6)
+        print(
+            f"use it with: --speculative draft={result.output},k=2 (alone: 2 guesses + a second choice "
+            f"for the first), or draft={result.output},k=4,ngram=1 (prompt lookup first)"
+        )
+    else:
+        print(f"use it with: --speculative draft={result.output},k=4")
     return 0
 
 
