@@ -172,7 +172,7 @@ class ModelRunner:
                 self.kv_cache[:, :, scratch * size : scratch * size + used] = self.kv_cache[
                     :, :, real : real + used
                 ]
-                copies.append((table[block] * size + p % size, scratch * size + p % size))
+                copies.append((real + used, scratch * size + used))  # p itself, once written
             table[block] = scratch
             self.branch_rows[seq.seq_id] = (len(ids), scratch * size + (p + 1) % size, real_slot)
             ids.append(seq.draft_branch)
