@@ -174,12 +174,13 @@ class ModelRunner:
                 ]
                 copies.append((real + used, scratch * size + used))  # p itself, once written
             table[block] = scratch
-            self.branch_rows[seq.seq_id] = (len(ids), scratch * size + (p + 1) % size, real_slot)
+            branch_slot = scratch * size + (p + 1) % size
+            self.branch_rows[seq.seq_id] = (len(ids), branch_slot, real_slot)
             ids.append(seq.draft_branch)
             positions.append(p + 1)
             context_lens.append(p + 2)
             tables_rows.append(table)
-            decode_slots.append(scratch * size + (p + 1) % size)
+            decode_slots.append(branch_slot)
         return copies
 
     def execute(
