@@ -12,7 +12,13 @@ from tokenmill.config import EngineConfig
 from tokenmill.errors import InvalidParameterError
 from tokenmill.kernels import kernels_available
 from tokenmill.layers.linear import DenseLinear, Int4Linear, Int8Linear
-from tokenmill.layers.quantization import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
+from tokenmill.layers.quantization import (
+    dequantize_int4,
+    dequantize_int8,
+    quantize_int4,
+    quantize_int8,
+    round_activations_int8_groups,
+)
 from tokenmill.sampling import SamplingParams
 
 ROWS = (1, 2, 3, 4, 5, 7, 31, 32, 40)
@@ -47,7 +53,7 @@ def test_int4_rejects_a_group_that_does_not_divide_the_row():
 
 
 @pytest.mark.parametrize("rows", ROWS)
-@pytest.mark.parametrize("shape", [(96, 64), (256, 576)])
+@pytest.mark.parametrize("shape", [(96, 64), (256, 576), (64, 800)])
 def test_kernels_equal_the_pytorch_fallback(rows, shape):
     torch.manual_seed(rows)
     weight = torch.randn(*shape) * 0.05
@@ -84,7 +90,8 @@ def test_bad_quantization_options_are_typed_errors():
 
 
 def _dequantised_reference(hf_model, quantization: str):
-    """A copy of the HF model whose linears (and untied LM head) hold exactly what ours compute with."""
+    """A copy of the HF model whose linears (and untied LM head) hold exactly what ours compute with: the
+    dequantised weights and, for int4, the activations rounded to int8 in groups of 32."""
     import copy
 
     reference = copy.deepcopy(hf_model)
@@ -96,6 +103,9 @@ def _dequantised_reference(hf_model, quantization: str):
                     module.weight = torch.nn.Parameter(dequantize_int8(quantize_int8(weight)))
                 else:
                     module.weight = torch.nn.Parameter(dequantize_int4(quantize_int4(weight, 32)))
+                    module.register_forward_pre_hook(
+                        lambda _, args: (round_activations_int8_groups(args[0]),)
+                    )
         head = reference.get_output_embeddings().weight.data.clone()
         reference.lm_head = torch.nn.Linear(head.shape[1], head.shape[0], bias=False)
         reference.lm_head.weight = torch.nn.Parameter(dequantize_int8(quantize_int8(head)))
@@ -140,3 +150,14 @@ def test_smollm2_quality_holds_on_the_int16_activation_path(smollm_loaded):
         engine = make_engine(smollm_loaded, quantization=quantization)
         results[quantization] = perplexity(engine.model, tokens, window=31)
     assert abs(results["int8"] / results[None] - 1) < 0.01, results
+
+
+def test_smollm2_quality_holds_on_the_int8_activation_path(smollm_loaded):
+    """Windows of 4 tokens (decode-sized) keep every int4 matmul on the vpmaddubsw kernel, nibbles times
+    activations rounded to int8 per 32; the 256-token windows above take the fp32 outer-product tiles."""
+    tokens = smollm_loaded.tokenizer.encode(perplexity_text())[:400]
+    results = {}
+    for quantization in (None, "int4"):
+        engine = make_engine(smollm_loaded, quantization=quantization)
+        results[quantization] = perplexity(engine.model, tokens, window=4)
+    assert abs(results["int4"] / results[None] - 1) < 0.05, results

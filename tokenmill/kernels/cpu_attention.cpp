@@ -134,11 +134,14 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   float* op = out.data_ptr<float>();
   const int64_t q_row = q.stride(0), q_head = q.stride(1);
   const float factor = static_cast<float>(scale);
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+  // One item per (sequence, KV head), its query heads in turn; with fewer items than two per thread (a batch
+  // of one: three items on two threads), one item per query head so that the threads share the work evenly.
+  const int64_t per_item = B * Hkv < 2 * at::get_num_threads() ? 1 : G, items = B * Hq / per_item;
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     std::vector<int64_t> slot_of;
     for (int64_t index = begin; index < end; ++index) {
-      const int64_t b = index / Hkv, h = index % Hkv, L = lens[b];
+      const int64_t b = index / (items / B), first = index % (items / B) * per_item, h = first / G, L = lens[b];
       scores.resize(L);
       slot_of.resize(L);
       for (int64_t s = 0; s < L; ++s) {
@@ -147,8 +150,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
         TORCH_CHECK(slot_of[s] >= 0 && slot_of[s] < slots, "block table points outside the cache");
       }
       // Each query head of the group in turn: its keys and values (L x D floats) stay in L2 between heads.
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t head = h * G + g;
+      for (int64_t head = first; head < first + per_item; ++head) {
         score_keys(qp + b * q_row + head * q_head, kp + h * D, slot_of.data(), L, Hkv * D, D, factor,
                    scores.data());
         softmax(scores.data(), L);

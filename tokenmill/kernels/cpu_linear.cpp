@@ -7,11 +7,10 @@
 //
 // Shape of the work, by the number of input rows M:
 // - Few rows (decode of one or a few sequences; up to kInt8DirectMaxRows / kInt4DirectMaxRows): memory-bound.
-//   Activations are rounded to int16 (one scale per row) and the weights, widened to int16 in registers,
-//   meet them in vpmaddwd integer dot products along K, four output rows and two input rows at a time;
-//   scales apply to the integer sums. fp32 weights run the same shape of dot products with FMAs.
-// - Up to the outer-product crossover, int4: each 4-row panel is decoded once into an L1-resident fp32
-//   buffer and 4x3 tiles of dot products run over it (one horizontal sum per output).
+//   Integer dot products along K, four output rows and two input rows at a time, scales applied to the
+//   integer sums: int8 weights widen to int16 in registers and meet activations rounded to int16 (one scale
+//   per row) in vpmaddwd; int4 nibbles meet activations rounded to int8 (one scale per 32) in vpmaddubsw.
+//   fp32 weights run the same shape of dot products with FMAs.
 // - Many rows (a batched decode step): compute-bound, so the FMA units set the pace and every output must
 //   stay in a register for the whole of K. Output rows go sixteen at a time, stored K-major ([k][16], two
 //   vectors per k) in slices of K small enough to stay in L1 between packing and use; each block of up to six
@@ -29,7 +28,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
 #include <vector>
 
 #include "kernels.h"
@@ -46,8 +44,8 @@ using tokenmill::prefetch_l2;
 using tokenmill::sum8;
 
 // panel: kRows rows of K floats, row stride `panel_stride`; x: rows of K floats, stride `x_stride`.
-// kStream: the panel is the weights in memory (not a decoded buffer), so fetch the panels ahead into L2.
-template <int MB, bool kStream>
+// The panels are weights streaming from memory: fetch the ones ahead into L2.
+template <int MB>
 // Kept out of line: inlined into the panel loops it ran 5-20% slower (measured at 8 rows).
 __attribute__((noinline)) void dot_tile(const float* panel, int64_t panel_stride, const float* x,
                                         int64_t x_stride, float* y, int64_t y_stride, int64_t K) {
@@ -58,7 +56,7 @@ __attribute__((noinline)) void dot_tile(const float* panel, int64_t panel_stride
     __m256 xv[MB];
     UNROLL for (int m = 0; m < MB; ++m) xv[m] = _mm256_loadu_ps(x + m * x_stride + k);
     UNROLL for (int n = 0; n < kRows; ++n) {
-      if (kStream && k % 16 == 0) prefetch_l2(panel + (n + kAhead) * panel_stride + k);
+      if (k % 16 == 0) prefetch_l2(panel + (n + kAhead) * panel_stride + k);
       __m256 w = _mm256_loadu_ps(panel + n * panel_stride + k);
       UNROLL for (int m = 0; m < MB; ++m) acc[n][m] = _mm256_fmadd_ps(w, xv[m], acc[n][m]);
     }
@@ -67,14 +65,15 @@ __attribute__((noinline)) void dot_tile(const float* panel, int64_t panel_stride
     UNROLL for (int n = 0; n < kRows; ++n) y[m * y_stride + n] = sum8(acc[n][m]);
 }
 
-template <bool kStream>
 inline void run_dot_tiles(const float* panel, int64_t panel_stride, const float* x, int64_t M, int64_t K, float* y,
                           int64_t N) {
   int64_t m = 0;
-  for (; m + 3 <= M; m += 3) dot_tile<3, kStream>(panel, panel_stride, x + m * K, K, y + m * N, N, K);
-  if (M - m == 2) dot_tile<2, kStream>(panel, panel_stride, x + m * K, K, y + m * N, N, K);
-  if (M - m == 1) dot_tile<1, kStream>(panel, panel_stride, x + m * K, K, y + m * N, N, K);
+  for (; m + 3 <= M; m += 3) dot_tile<3>(panel, panel_stride, x + m * K, K, y + m * N, N, K);
+  if (M - m == 2) dot_tile<2>(panel, panel_stride, x + m * K, K, y + m * N, N, K);
+  if (M - m == 1) dot_tile<1>(panel, panel_stride, x + m * K, K, y + m * N, N, K);
 }
+
+inline float sum8_epi32(__m256i v) { return sum8(_mm256_cvtepi32_ps(v)); }
 
 inline __m256 widen_u8(__m128i bytes) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)); }
 
@@ -105,11 +104,9 @@ inline void decode_int4_row(const uint8_t* packed, const float* scales, const fl
 struct Int16Rows {
   std::vector<int16_t> q;  // [M, K]
   std::vector<float> scale;  // [M]
-  // Sums of q over each `group` of a row ([M, K / group]), for int4's per-group minimum; empty otherwise.
-  std::vector<float> group_sums;
 };
 
-inline Int16Rows quantize_rows_int16(const float* x, int64_t M, int64_t K, int64_t group) {
+inline Int16Rows quantize_rows_int16(const float* x, int64_t M, int64_t K) {
   Int16Rows rows;
   rows.q.resize(M * K);
   rows.scale.resize(M);
@@ -133,15 +130,84 @@ inline Int16Rows quantize_rows_int16(const float* x, int64_t M, int64_t K, int64
                           _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8));
     }
   }
-  if (group > 0) {
-    const int64_t groups = K / group;
-    rows.group_sums.resize(M * groups);
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t g = 0; g < groups; ++g) {
-        int64_t total = 0;
-        for (int64_t k = g * group; k < (g + 1) * group; ++k) total += rows.q[m * K + k];
-        rows.group_sums[m * groups + g] = static_cast<float>(total);
+  return rows;
+}
+
+// int4's few-row path: activations as int8 in groups of 32 (scale = the group's largest |x| / 127, as
+// llama.cpp's Q8 blocks), so that the unsigned 4-bit weights meet them in vpmaddubsw, which multiplies 32
+// byte pairs and adds neighbours in one instruction. One 32-byte load of packed weights is 64 weights, two
+// groups of 32, and after masking, its low nibbles are weights 0-15 and 32-47, its high nibbles 16-31 and
+// 48-63: each 64 activations are stored in that order. (A last 32 of K, when K % 64 == 32, stays in order.)
+struct Int8Groups {
+  std::vector<int8_t> q;  // [M, K], reordered per 64
+  std::vector<float> scale;  // [M, K / 32]
+  std::vector<float> sums;  // [M, K / group]: the rounded activations summed over each weight group
+};
+
+inline float largest_abs(const float* v, int64_t n) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 peak = _mm256_setzero_ps();
+  for (int64_t k = 0; k < n; k += 8) peak = _mm256_max_ps(peak, _mm256_andnot_ps(sign, _mm256_loadu_ps(v + k)));
+  __m128 p = _mm_max_ps(_mm256_castps256_ps128(peak), _mm256_extractf128_ps(peak, 1));
+  p = _mm_max_ps(p, _mm_movehl_ps(p, p));
+  p = _mm_max_ss(p, _mm_shuffle_ps(p, p, 1));
+  return _mm_cvtss_f32(p);
+}
+
+// Rows of x on the same int8 grid (q * scale, in fp32) for the many-row paths, which multiply in fp32: every
+// int4 product sees the same activations, however many rows share its step (a sequence's tokens do not
+// depend on its neighbours in the batch), as the fallback computes them.
+inline at::Tensor round_groups_int8(const at::Tensor& x) {
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor out = at::empty({M, K}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m)
+      for (int64_t k = 0; k < K; k += 32) {
+        const float largest = largest_abs(xp + m * K + k, 32);
+        const __m256 inverse = _mm256_set1_ps(largest > 0 ? 127.f / largest : 0.f);
+        const __m256 scale = _mm256_set1_ps(largest / 127.f);
+        UNROLL for (int j = 0; j < 32; j += 8) {
+          const __m256 v = _mm256_loadu_ps(xp + m * K + k + j);
+          const __m256 q = _mm256_round_ps(_mm256_mul_ps(v, inverse), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          _mm256_storeu_ps(op + m * K + k + j, _mm256_mul_ps(q, scale));
+        }
       }
+  });
+  return out;
+}
+
+inline Int8Groups quantize_groups_int8(const float* x, int64_t M, int64_t K, int64_t group) {
+  const int64_t groups = K / group;
+  Int8Groups rows;
+  rows.q.resize(M * K);
+  rows.scale.resize(M * K / 32);
+  rows.sums.assign(M * groups, 0.f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t k = 0; k < K; k += 32) {
+      const float* v = x + m * K + k;
+      const float largest = largest_abs(v, 32), scale = largest / 127.f;
+      const __m256 inverse = _mm256_set1_ps(largest > 0 ? 127.f / largest : 0.f);
+      __m256i q[4];
+      // vcvtps2dq rounds to nearest even, as torch.round does in the fallback.
+      UNROLL for (int j = 0; j < 4; ++j) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + 8 * j), inverse));
+      const __m256i total = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+      // The packs interleave 128-bit halves (and then 4-byte runs); the permute puts the 32 bytes back in order.
+      const __m256i bytes = _mm256_permutevar8x32_epi32(
+          _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3])), order);
+      int8_t* out = rows.q.data() + m * K + (k / 64) * 64;
+      const int64_t half = (k / 32) % 2;
+      if (k + 32 > K / 64 * 64) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), bytes);
+      } else {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16 * half), _mm256_castsi256_si128(bytes));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 32 + 16 * half), _mm256_extracti128_si256(bytes, 1));
+      }
+      rows.scale[m * K / 32 + k / 32] = scale;
+      rows.sums[m * groups + k / group] += scale * static_cast<float>(sum8_epi32(total));
+    }
   }
   return rows;
 }
@@ -149,8 +215,6 @@ inline Int16Rows quantize_rows_int16(const float* x, int64_t M, int64_t K, int64
 // int32 sums stay exact over this many weights: per lane and 32 weights, four products of at most
 // 127 * 32767, so 64 steps reach 1.07e9 < 2^31. Longer rows flush to fp32 every chunk.
 constexpr int64_t kInt16Chunk = 2048;
-
-inline float sum8_epi32(__m256i v) { return sum8(_mm256_cvtepi32_ps(v)); }
 
 // For a few input rows decoding into a buffer costs more than it saves: widen the weights in registers and
 // multiply at once. Scales apply after the integer sums (int8: per row; int4: per group).
@@ -190,69 +254,136 @@ inline void int8_direct(const int8_t* q, const float* scales, const Int16Rows& x
     UNROLL for (int n = 0; n < kRows; ++n) y[m * N + n] = total[n][m] * scales[n] * x.scale[m0 + m];
 }
 
-// w = q * scale + min per group: sum_k w_k x_k = scale * sum_k q_k x_k + min * sum_k x_k, and the second
-// sum is the same for every output row (Int16Rows::group_sums).
-template <int MB>
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float total = sum8(acc);
+  for (; i < n; ++i) total += a[i] * b[i];
+  return total;
+}
+
+// One 32-byte load of packed weights (64 weights, two groups of 32) against int8 activations, reordered as
+// Int8Groups stores them: lanes 0-3 of the int32 result sum the first group, lanes 4-7 the second.
+// vpmaddubsw's int16 sums stay exact: 2 * 15 * 127 per product pair, two of them added.
+inline __m256i int4_chunk(const uint8_t* packed, const int8_t* x) {
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed));
+  const __m256i low = _mm256_and_si256(bytes, mask);
+  const __m256i high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);
+  const __m256i products =
+      _mm256_add_epi16(_mm256_maddubs_epi16(low, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
+                       _mm256_maddubs_epi16(high, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32))));
+  return _mm256_madd_epi16(products, _mm256_set1_epi16(1));
+}
+
+// Lanes 0-3 <- v[0], lanes 4-7 <- v[1]: the scales of one chunk's two groups.
+inline __m256 pair_scales(const float* v) {
+  const __m128 pair = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(v)));
+  return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(pair), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+}
+
+// Eight groups' scales in the order int4_block leaves its sums: 0, 2, 4, 6, 1, 3, 5, 7.
+inline __m256 block_scales(const float* v) {
+  return _mm256_permutevar8x32_ps(_mm256_loadu_ps(v), _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
+}
+
+// w = q * scale + min per group: sum_k w_k x_k = sum_g scale_g * sum_k q_k x_k + min_g * sum_k x_k, and the
+// second sum is the same for every output row (Int8Groups::sums). The scaling needs the products of each
+// group as one number: with group 32, four chunks' int32 sums fold into eight groups with three horizontal
+// adds, and one multiply and one FMA scale all eight (per chunk, that was the multiply units' bottleneck:
+// 1 row on one core 18 GB/s). Other group sizes, and the chunks left over, scale chunk by chunk.
+template <int MB, bool kGroup32>
 inline void int4_direct(const uint8_t* packed, const float* scales, const float* mins, int64_t group,
-                        const Int16Rows& x, int64_t m0, float* y, int64_t N, int64_t K) {
-  const int16_t* xq = x.q.data() + m0 * K;
-  const __m128i mask = _mm_set1_epi8(0x0F);
-  const int64_t groups = K / group;
+                        const Int8Groups& x, int64_t m0, float* y, int64_t N, int64_t K) {
+  const int64_t groups = K / group, full = K / 64, blocks = kGroup32 ? full / 4 : 0;
+  const int8_t* xq = x.q.data() + m0 * K;
+  const float* xs = x.scale.data() + m0 * (K / 32);
   __m256 acc[kRows][MB];
   UNROLL for (int n = 0; n < kRows; ++n)
     UNROLL for (int m = 0; m < MB; ++m) acc[n][m] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < groups; ++g) {
-    __m256i sums[kRows][MB];
-    UNROLL for (int n = 0; n < kRows; ++n)
-      UNROLL for (int m = 0; m < MB; ++m) sums[n][m] = _mm256_setzero_si256();
-    for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
-      __m256i xv[MB][2];
+  // Scales and minimums of the panels ahead, with their weights (a third of the bytes at group 32).
+  UNROLL for (int n = 0; n < kRows; ++n)
+    for (int64_t g = 0; g < groups; g += 16) {
+      prefetch_l2(scales + (n + kAhead) * groups + g);
+      prefetch_l2(mins + (n + kAhead) * groups + g);
+    }
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t k = b * 256;
+    __m256 x_scale[MB];
+    UNROLL for (int m = 0; m < MB; ++m) x_scale[m] = block_scales(xs + m * (K / 32) + 8 * b);
+    UNROLL for (int n = 0; n < kRows; ++n) {
+      const uint8_t* w = packed + n * (K / 2) + k / 2;
+      prefetch_l2(w + kAhead * (K / 2));
+      prefetch_l2(w + kAhead * (K / 2) + 64);
+      const __m256 w_scale = block_scales(scales + n * groups + 8 * b);
       UNROLL for (int m = 0; m < MB; ++m) {
-        xv[m][0] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + k));
-        xv[m][1] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + k + 16));
-      }
-      UNROLL for (int n = 0; n < kRows; ++n) {
-        if (k % 128 == 0) prefetch_l2(packed + (n + kAhead) * (K / 2) + k / 2);
-        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + n * (K / 2) + k / 2));
-        const __m256i w0 = _mm256_cvtepu8_epi16(_mm_and_si128(bytes, mask));
-        const __m256i w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask));
-        UNROLL for (int m = 0; m < MB; ++m) {
-          const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w0, xv[m][0]), _mm256_madd_epi16(w1, xv[m][1]));
-          sums[n][m] = _mm256_add_epi32(sums[n][m], p);
-        }
+        const int8_t* xm = xq + m * K + k;
+        const __m256i low = _mm256_hadd_epi32(int4_chunk(w, xm), int4_chunk(w + 32, xm + 64));
+        const __m256i high = _mm256_hadd_epi32(int4_chunk(w + 64, xm + 128), int4_chunk(w + 96, xm + 192));
+        const __m256 sums = _mm256_cvtepi32_ps(_mm256_hadd_epi32(low, high));
+        acc[n][m] = _mm256_fmadd_ps(sums, _mm256_mul_ps(w_scale, x_scale[m]), acc[n][m]);
       }
     }
+  }
+  for (int64_t c = blocks * 4; c < full; ++c) {
+    const int64_t k = c * 64;
+    __m256 x_scale[MB];
+    UNROLL for (int m = 0; m < MB; ++m) x_scale[m] = pair_scales(xs + m * (K / 32) + 2 * c);
     UNROLL for (int n = 0; n < kRows; ++n) {
-      const __m256 s = _mm256_set1_ps(scales[n * groups + g]);
-      UNROLL for (int m = 0; m < MB; ++m) acc[n][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[n][m]), s, acc[n][m]);
+      const uint8_t* w = packed + n * (K / 2) + k / 2;
+      if (c % 2 == 0) prefetch_l2(w + kAhead * (K / 2));
+      const float* row_scales = scales + n * groups;
+      const __m256 w_scale = kGroup32 ? pair_scales(row_scales + 2 * c)
+                                      : _mm256_set_m128(_mm_set1_ps(row_scales[(k + 32) / group]),
+                                                        _mm_set1_ps(row_scales[k / group]));
+      UNROLL for (int m = 0; m < MB; ++m) {
+        const __m256 sums = _mm256_cvtepi32_ps(int4_chunk(w, xq + m * K + k));
+        acc[n][m] = _mm256_fmadd_ps(sums, _mm256_mul_ps(w_scale, x_scale[m]), acc[n][m]);
+      }
+    }
+  }
+  float tail[kRows][MB] = {};
+  if (full * 64 < K) {  // the last 32 weights: one group, 16 bytes, activations in order
+    const int64_t k = full * 64;
+    const __m128i mask = _mm_set1_epi8(0x0F), ones = _mm_set1_epi16(1);
+    UNROLL for (int n = 0; n < kRows; ++n) {
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + n * (K / 2) + k / 2));
+      const __m128i low = _mm_and_si128(bytes, mask);
+      const __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+      UNROLL for (int m = 0; m < MB; ++m) {
+        const int8_t* xm = xq + m * K + k;
+        const __m128i products = _mm_add_epi16(
+            _mm_maddubs_epi16(low, _mm_loadu_si128(reinterpret_cast<const __m128i*>(xm))),
+            _mm_maddubs_epi16(high, _mm_loadu_si128(reinterpret_cast<const __m128i*>(xm + 16))));
+        __m128i s = _mm_madd_epi16(products, ones);
+        s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+        s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+        tail[n][m] = static_cast<float>(_mm_cvtsi128_si32(s)) * scales[n * groups + k / group] *
+                     xs[m * (K / 32) + k / 32];
+      }
     }
   }
   UNROLL for (int m = 0; m < MB; ++m) {
-    const float* group_sums = x.group_sums.data() + (m0 + m) * groups;
-    UNROLL for (int n = 0; n < kRows; ++n) {
-      const float* row_mins = mins + n * groups;
-      float offset = 0.f;
-      for (int64_t g = 0; g < groups; ++g) offset += row_mins[g] * group_sums[g];
-      y[m * N + n] = (sum8(acc[n][m]) + offset) * x.scale[m0 + m];
-    }
+    const float* sums = x.sums.data() + (m0 + m) * groups;
+    UNROLL for (int n = 0; n < kRows; ++n)
+      y[m * N + n] = sum8(acc[n][m]) + tail[n][m] + dot(mins + n * groups, sums, groups);
   }
 }
 
-// Up to this many input rows the direct kernels run; above it, decoding once per panel pays.
-// int8 stays on them up to 31 rows (two input rows per pass, the 4-row weight panel re-read from L1): at
-// 3-24 rows 15-40% faster than decoding panels for the dot tiles (measured on SmolLM2's shapes, two
-// threads). int4's per-group scaling makes each pass dearer, so it hands over after 4 rows.
-// layers/linear.py mirrors these (the fallback rounds activations the same way).
-constexpr int64_t kInt8DirectMaxRows = 31, kInt4DirectMaxRows = 4;
+// Up to this many input rows the direct kernels run (two input rows per pass, the 4-row weight panel re-read
+// from L1), up to the outer-product crossover: at 3-24 rows 15-40% (int8) and 10-35% (int4) faster than
+// decoding each panel to fp32 once for dot products over it (measured on SmolLM2's shapes, two threads).
+// layers/linear.py mirrors the int8 bound (the fallback rounds activations the same way).
+constexpr int64_t kInt8DirectMaxRows = 31, kInt4DirectMaxRows = 31;
 
 constexpr int64_t kPanel = 16;  // output rows per panel of the outer-product path: two vectors
 constexpr int64_t kTileRows = 6;  // input rows per tile: 12 accumulators + 2 weights + 1 broadcast registers
 constexpr int64_t kSlice = 256;  // K per packed slice
-// From this many input rows on the outer-product tiles beat the dot-product tiles (measured on 576-3072 x
-// 576-1536 weights): below, packing costs more than the horizontal sums it saves. fp32 packs by transposing
-// straight from memory, the dearest.
-constexpr int64_t kFp32OuterMinRows = 48, kInt8OuterMinRows = 32, kInt4OuterMinRows = 32;
-static_assert(kInt8DirectMaxRows + 1 == kInt8OuterMinRows, "int8 has no decode-panel path between the two");
+// From this many input rows on the outer-product tiles beat fp32's dot-product tiles (measured on 576-3072 x
+// 576-1536 weights): below, packing (a transpose straight from memory) costs more than the horizontal sums it
+// saves. int8 and int4 go to the tiles straight after their direct kernels' last row.
+constexpr int64_t kFp32OuterMinRows = 48;
 
 // r[j] lane i <- r[i] lane j.
 inline void transpose8(__m256* r) {
@@ -386,26 +517,12 @@ at::Tensor check_input(const at::Tensor& x, int64_t K) {
   return x.contiguous();
 }
 
-// Panels are independent, so threads split the output rows; each thread keeps one decode buffer.
-template <typename Decode>
-void dot_linear(const float* x, int64_t M, int64_t N, int64_t K, float* y, Decode decode) {
-  at::parallel_for(0, N / kRows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> panel(kRows * K);
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t n0 = p * kRows;
-      for (int64_t r = 0; r < kRows; ++r) decode(n0 + r, panel.data() + r * K);
-      run_dot_tiles<false>(panel.data(), K, x, M, K, y + n0, N);
-    }
-  });
-}
-
-// direct(n0, rows, m0, y, MB) multiplies one 4-row weight panel by int16 rows m0 .. m0 + MB - 1 (MB <= 2;
-// with sums over `group` if > 0); decode(n, out) writes row n as fp32 for the rows between the direct and the
-// outer-product paths (nullptr where there are none); pack_rows as in tiled_linear.
-template <typename Direct, typename Decode, typename PackRows>
-at::Tensor quantized_linear(const at::Tensor& x_in, int64_t N, int64_t K, int64_t group, int64_t direct_max_rows,
-                            int64_t outer_min_rows, Direct direct, Decode decode, int64_t scratch,
-                            PackRows pack_rows) {
+// prepare(x, M, K) rounds the activations for the direct path (int8: Int16Rows; int4: Int8Groups);
+// direct(n0, rows, m0, y, MB) multiplies one 4-row weight panel by prepared rows m0 .. m0 + MB - 1 (MB <= 2);
+// more rows than direct_max_rows go to the outer-product tiles, pack_rows as in tiled_linear.
+template <typename Prepare, typename Direct, typename PackRows>
+at::Tensor quantized_linear(const at::Tensor& x_in, int64_t N, int64_t K, int64_t direct_max_rows,
+                            Prepare prepare, Direct direct, int64_t scratch, PackRows pack_rows) {
   at::Tensor x = check_input(x_in, K);
   TORCH_CHECK(N % kRows == 0 && K % 32 == 0, "need N % 4 == 0 and K % 32 == 0");
   const int64_t M = x.size(0);
@@ -413,18 +530,12 @@ at::Tensor quantized_linear(const at::Tensor& x_in, int64_t N, int64_t K, int64_
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   if (M <= direct_max_rows) {
-    const Int16Rows rows = quantize_rows_int16(xp, M, K, group);
+    const auto rows = prepare(xp, M, K);
     at::parallel_for(0, N / kRows, 1, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p)
         for (int64_t m0 = 0; m0 < M; m0 += 2)
           direct(p * kRows, rows, m0, yp + m0 * N + p * kRows, std::min<int64_t>(2, M - m0));
     });
-  } else if (M < outer_min_rows) {
-    if constexpr (std::is_same_v<Decode, std::nullptr_t>) {
-      TORCH_CHECK(false, "no kernel for ", M, " rows");
-    } else {
-      dot_linear(xp, M, N, K, yp, decode);
-    }
   } else {
     tiled_linear(xp, M, N, K, yp, scratch, pack_rows);
   }
@@ -444,12 +555,11 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
   const int8_t* q = qweight.data_ptr<int8_t>();
   const float* s = scales.data_ptr<float>();
   return quantized_linear(
-      x, N, K, 0, kInt8DirectMaxRows, kInt8OuterMinRows,
+      x, N, K, kInt8DirectMaxRows, quantize_rows_int16,
       [&](int64_t n0, const Int16Rows& rows, int64_t m0, float* yp, int64_t M) {
         if (M == 1) int8_direct<1>(q + n0 * K, s + n0, rows, m0, yp, N, K);
         else int8_direct<2>(q + n0 * K, s + n0, rows, m0, yp, N, K);
       },
-      nullptr,  // the direct path runs up to the outer-product crossover
       kPanel,
       [&](int64_t n0, int64_t width, int64_t k0, int64_t k1, float* buf, float* panel_scales) {
         const int8_t* rows = q + n0 * K;
@@ -481,15 +591,21 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   const float* s = scales.data_ptr<float>();
   const float* z = mins.data_ptr<float>();
   const int64_t groups = K / group;
+  at::Tensor xr = check_input(x, K);
+  if (xr.size(0) > kInt4DirectMaxRows) xr = round_groups_int8(xr);
   return quantized_linear(
-      x, N, K, group, kInt4DirectMaxRows, kInt4OuterMinRows,
-      [&](int64_t n0, const Int16Rows& rows, int64_t m0, float* yp, int64_t M) {
+      xr, N, K, kInt4DirectMaxRows,
+      [&](const float* xp, int64_t M, int64_t K) { return quantize_groups_int8(xp, M, K, group); },
+      [&](int64_t n0, const Int8Groups& rows, int64_t m0, float* yp, int64_t M) {
         const uint8_t* panel = q + n0 * (K / 2);
-        if (M == 1) int4_direct<1>(panel, s + n0 * groups, z + n0 * groups, group, rows, m0, yp, N, K);
-        else int4_direct<2>(panel, s + n0 * groups, z + n0 * groups, group, rows, m0, yp, N, K);
-      },
-      [&](int64_t n, float* out) {
-        decode_int4_row(q + n * (K / 2), s + n * groups, z + n * groups, group, out, K);
+        const float *panel_scales = s + n0 * groups, *panel_mins = z + n0 * groups;
+        if (group == 32) {
+          if (M == 1) int4_direct<1, true>(panel, panel_scales, panel_mins, group, rows, m0, yp, N, K);
+          else int4_direct<2, true>(panel, panel_scales, panel_mins, group, rows, m0, yp, N, K);
+        } else {
+          if (M == 1) int4_direct<1, false>(panel, panel_scales, panel_mins, group, rows, m0, yp, N, K);
+          else int4_direct<2, false>(panel, panel_scales, panel_mins, group, rows, m0, yp, N, K);
+        }
       },
       kPanel * K,
       [&](int64_t n0, int64_t width, int64_t k0, int64_t k1, float* buf, float* rows) {
@@ -516,7 +632,7 @@ at::Tensor fp32_linear(const at::Tensor& x_in, const at::Tensor& weight) {
   float* yp = y.data_ptr<float>();
   if (M < kFp32OuterMinRows) {
     at::parallel_for(0, N / kRows, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) run_dot_tiles<true>(wp + p * kRows * K, K, xp, M, K, yp + p * kRows, N);
+      for (int64_t p = begin; p < end; ++p) run_dot_tiles(wp + p * kRows * K, K, xp, M, K, yp + p * kRows, N);
     });
     return y;
   }

@@ -2,11 +2,13 @@
 
 - DenseLinear: fp32 weights. Batches up to 256 rows go through our AVX2 kernel, which streams the weights
   at close to memory bandwidth and matches MKL up to 256 rows; MKL takes larger prefill chunks.
-- Int8Linear / Int4Linear: quantised weights, 4x and ~6x fewer bytes per decode step. Activations stay
-  fp32, except that for a few rows (decode of a small batch) the kernels round them to int16 per row so
-  the products run on integer units (2^-16 of the row's peak; the perplexity bounds hold unchanged). fbgemm's
-  dynamic int8 (int8 activations, one scale per tensor) was measured on SmolLM2 and rejected: +41% NLL on a
-  1k-token text, mostly from down_proj.
+- Int8Linear / Int4Linear: quantised weights, 4x and ~6x fewer bytes per decode step. The kernels round
+  activations where the products run on integer units: int8 weights meet int16 activations for a few rows
+  (decode of a small batch; one scale per row, 2^-16 of the row's peak); int4 weights meet activations
+  rounded to int8 in groups of 32 (llama.cpp's Q8 blocks), at every row count, so that a sequence's tokens
+  do not depend on its neighbours in the batch. The perplexity bounds hold. fbgemm's dynamic int8 (int8
+  activations, one scale per tensor) was measured on SmolLM2 and rejected: +41% NLL on a 1k-token text,
+  mostly from down_proj.
 Without the compiled kernels (see tokenmill.kernels) the quantised layers dequantise, round activations as
 the kernels do, and call F.linear: the same numbers, slower.
 """
@@ -24,6 +26,7 @@ from tokenmill.layers.quantization import (
     dequantize_int8,
     quantize_int4,
     quantize_int8,
+    round_activations_int8_groups,
     round_activations_int16,
 )
 
@@ -66,8 +69,6 @@ class _QuantizedLinear:
     quantized: Int8Weight | Int4Weight
     bias: torch.Tensor | None
     use_kernel: bool
-    # Up to this many rows the kernel rounds activations to int16 (cpu_linear.cpp's k*DirectMaxRows).
-    int16_max_rows: int
 
     @property
     def nbytes(self) -> int:
@@ -83,11 +84,13 @@ class _QuantizedLinear:
     def _dequantize(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def _round(self, x: torch.Tensor) -> torch.Tensor:
+        """x as the kernel multiplies it (see the subclasses)."""
+        raise NotImplementedError
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.use_kernel:
-            if _flat(x).shape[0] <= self.int16_max_rows:
-                x = round_activations_int16(x)
-            return F.linear(x, self._dequantize(), self.bias)
+            return F.linear(self._round(x), self._dequantize(), self.bias)
         y = self._kernel(_flat(x)).view(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 
@@ -95,6 +98,7 @@ class _QuantizedLinear:
 class Int8Linear(_QuantizedLinear):
     """Per-output-channel symmetric int8 weights."""
 
+    # Up to this many rows the kernel rounds activations to int16 (cpu_linear.cpp's kInt8DirectMaxRows).
     int16_max_rows = 31
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
@@ -109,11 +113,12 @@ class Int8Linear(_QuantizedLinear):
     def _dequantize(self) -> torch.Tensor:
         return dequantize_int8(self.quantized)
 
+    def _round(self, x: torch.Tensor) -> torch.Tensor:
+        return round_activations_int16(x) if _flat(x).shape[0] <= self.int16_max_rows else x
+
 
 class Int4Linear(_QuantizedLinear):
     """Group-wise asymmetric int4 weights (GGUF Q4_1's format)."""
-
-    int16_max_rows = 4
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, group: int = 32) -> None:
         self.quantized = quantize_int4(weight, group)
@@ -126,6 +131,9 @@ class Int4Linear(_QuantizedLinear):
 
     def _dequantize(self) -> torch.Tensor:
         return dequantize_int4(self.quantized)
+
+    def _round(self, x: torch.Tensor) -> torch.Tensor:
+        return round_activations_int8_groups(x)  # at every row count, as the kernel does
 
 
 Linear = DenseLinear | Int8Linear | Int4Linear

@@ -83,6 +83,18 @@ def round_activations_int16(x: torch.Tensor) -> torch.Tensor:
     return torch.round(x * inverse) * (largest / 32767.0)
 
 
+def round_activations_int8_groups(x: torch.Tensor) -> torch.Tensor:
+    """x as the int4 decode kernel sees it: int8 per 32 values (scale = their largest |x| / 127), in fp32.
+
+    Unsigned 4-bit weights times signed 8-bit activations is one vpmaddubsw per 32 pairs (cpu_linear.cpp);
+    groups of 32 keep an outlier from flattening the rest of its row, as in llama.cpp's Q8 blocks.
+    """
+    groups = x.reshape(*x.shape[:-1], x.shape[-1] // 32, 32)
+    largest = groups.abs().amax(dim=-1, keepdim=True)
+    inverse = torch.where(largest > 0, 127.0 / largest, torch.zeros_like(largest))
+    return (torch.round(groups * inverse) * (largest / 127.0)).reshape(x.shape)
+
+
 def dequantize_int4(weight: Int4Weight) -> torch.Tensor:
     rows = weight.packed.shape[0]
     cols = weight.packed.shape[1] * 2
