@@ -106,19 +106,24 @@ struct Int16Rows {
   std::vector<float> scale;  // [M]
 };
 
+// The largest |v[k]| of n values (n a multiple of 8).
+inline float largest_abs(const float* v, int64_t n) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 peak = _mm256_setzero_ps();
+  for (int64_t k = 0; k < n; k += 8) peak = _mm256_max_ps(peak, _mm256_andnot_ps(sign, _mm256_loadu_ps(v + k)));
+  __m128 p = _mm_max_ps(_mm256_castps256_ps128(peak), _mm256_extractf128_ps(peak, 1));
+  p = _mm_max_ps(p, _mm_movehl_ps(p, p));
+  p = _mm_max_ss(p, _mm_shuffle_ps(p, p, 1));
+  return _mm_cvtss_f32(p);
+}
+
 inline Int16Rows quantize_rows_int16(const float* x, int64_t M, int64_t K) {
   Int16Rows rows;
   rows.q.resize(M * K);
   rows.scale.resize(M);
   for (int64_t m = 0; m < M; ++m) {
     const float* row = x + m * K;
-    const __m256 sign = _mm256_set1_ps(-0.f);
-    __m256 peak = _mm256_setzero_ps();
-    for (int64_t k = 0; k < K; k += 8) peak = _mm256_max_ps(peak, _mm256_andnot_ps(sign, _mm256_loadu_ps(row + k)));
-    __m128 p = _mm_max_ps(_mm256_castps256_ps128(peak), _mm256_extractf128_ps(peak, 1));
-    p = _mm_max_ps(p, _mm_movehl_ps(p, p));
-    p = _mm_max_ss(p, _mm_shuffle_ps(p, p, 1));
-    const float largest = _mm_cvtss_f32(p);
+    const float largest = largest_abs(row, K);
     rows.scale[m] = largest / 32767.f;
     const __m256 inverse = _mm256_set1_ps(largest > 0 ? 32767.f / largest : 0.f);
     int16_t* out = rows.q.data() + m * K;
@@ -143,16 +148,6 @@ struct Int8Groups {
   std::vector<float> scale;  // [M, K / 32]
   std::vector<float> sums;  // [M, K / group]: the rounded activations summed over each weight group
 };
-
-inline float largest_abs(const float* v, int64_t n) {
-  const __m256 sign = _mm256_set1_ps(-0.f);
-  __m256 peak = _mm256_setzero_ps();
-  for (int64_t k = 0; k < n; k += 8) peak = _mm256_max_ps(peak, _mm256_andnot_ps(sign, _mm256_loadu_ps(v + k)));
-  __m128 p = _mm_max_ps(_mm256_castps256_ps128(peak), _mm256_extractf128_ps(peak, 1));
-  p = _mm_max_ps(p, _mm_movehl_ps(p, p));
-  p = _mm_max_ss(p, _mm_shuffle_ps(p, p, 1));
-  return _mm_cvtss_f32(p);
-}
 
 // Rows of x on the same int8 grid (q * scale, in fp32) for the many-row paths, which multiply in fp32: every
 // int4 product sees the same activations, however many rows share its step (a sequence's tokens do not
