@@ -9,14 +9,16 @@ from tokenmill.kernels import kernels_available
 from tokenmill.layers.attention import AttentionContext, paged_attention
 
 
-@pytest.mark.parametrize("heads,kv_heads,dim", [(4, 2, 32), (9, 3, 64), (2, 2, 20)])
-def test_paged_decode_kernel_matches_gather_and_sdpa(heads, kv_heads, dim):
+# Four sequences: one item per (sequence, KV head). Fewer (sequence, KV head) pairs than two per thread:
+# one item per query head, sequences of different lengths side by side.
+@pytest.mark.parametrize("lengths", [[1, 9, 37, 16], [300], [2], [130, 3]])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(4, 2, 32), (9, 3, 64), (2, 2, 20), (4, 1, 16)])
+def test_paged_decode_kernel_matches_gather_and_sdpa(heads, kv_heads, dim, lengths):
     assert kernels_available()
     torch.manual_seed(heads * dim)
-    block_size, num_blocks = 8, 40
+    block_size, num_blocks = 8, 60
     k_cache = torch.randn(num_blocks * block_size, kv_heads, dim)
     v_cache = torch.randn(num_blocks * block_size, kv_heads, dim)
-    lengths = [1, 9, 37, 16]
     permutation = torch.randperm(num_blocks).tolist()  # blocks scattered over the pool
     tables, used = [], 0
     for length in lengths:
