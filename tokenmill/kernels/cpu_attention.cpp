@@ -235,7 +235,8 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   int64_t parts = 1;
   if (B * Hkv < 2 * threads) {
     const int64_t longest = *std::max_element(lens, lens + B);
-    parts = std::clamp<int64_t>((2 * threads + B * Hkv - 1) / (B * Hkv), 1, (longest + kMinPart - 1) / kMinPart);
+    parts = std::clamp<int64_t>((2 * threads + B * Hkv - 1) / (B * Hkv), 1,
+                                (longest + kMinPart - 1) / kMinPart);
   }
   const int64_t items = B * Hkv * parts;
   std::vector<float> part_out(parts > 1 ? B * Hq * parts * D : 0);
@@ -267,7 +268,6 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
     for (int64_t index = begin; index < end; ++index) {
       locate(index, b, h, first, last);
       const int64_t L = last - first;
-      scores.resize(L);
       slot_of.resize(L);
       for (int64_t s = 0; s < L; ++s) {
         const int64_t block = tables[b * W + (first + s) / block_size];
@@ -307,7 +307,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
     float* dest = op + row * D;
     std::fill(dest, dest + D, 0.f);
     for (int64_t part = 0; part < parts; ++part) {
-      if (exps[part].total == 0.f) continue;
+      if (exps[part].total == 0.f) continue;  // an empty part: a short context beside a long one
       const float weight = std::exp(exps[part].peak - peak);
       total += weight * exps[part].total;
       const float* partial = part_out.data() + (row * parts + part) * D;
