@@ -24,8 +24,8 @@
 namespace {
 
 using tokenmill::exp256;
+using tokenmill::sum4x8;
 using tokenmill::sum8;
-using tokenmill::sum8x8;
 
 // Key and value rows this far ahead of the one in use are fetched into L2 (and the first ones before any
 // work starts): each is a miss to memory (the rows sit in scattered blocks, and the weights streamed since
@@ -39,28 +39,11 @@ inline void prefetch_row(const float* row, int64_t D) {
   for (int64_t d = 0; d < D; d += 16) tokenmill::prefetch_l2(row + d);
 }
 
-// scores[s] = scale * <query, key_s> for L keys found through slot_of. Eight keys at a time, their eight
-// accumulators reduced together: one horizontal reduction per eight keys instead of one per key.
+// scores[s] = scale * <query, key_s> for L keys found through slot_of, one key at a time: the few keys (or
+// the rows of a head size not a multiple of eight) that score_keys_heads leaves.
 void score_keys(const float* query, const float* keys, const int64_t* slot_of, int64_t L, int64_t stride,
                 int64_t D, float scale, float* scores) {
-  int64_t s = 0;
-  if (D % 8 == 0) {
-    for (; s + 8 <= L; s += 8) {
-      __m256 acc[8];
-      const float* key[8];
-      for (int j = 0; j < 8; ++j) {
-        acc[j] = _mm256_setzero_ps();
-        key[j] = keys + slot_of[s + j] * stride;
-        if (s + kAheadKeys + j < L) prefetch_row(keys + slot_of[s + kAheadKeys + j] * stride, D);
-      }
-      for (int64_t d = 0; d < D; d += 8) {
-        const __m256 q = _mm256_loadu_ps(query + d);
-        for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(q, _mm256_loadu_ps(key[j] + d), acc[j]);
-      }
-      _mm256_storeu_ps(scores + s, _mm256_mul_ps(sum8x8(acc), _mm256_set1_ps(scale)));
-    }
-  }
-  for (; s < L; ++s) {
+  for (int64_t s = 0; s < L; ++s) {
     const float* key = keys + slot_of[s] * stride;
     __m256 acc = _mm256_setzero_ps();
     int64_t d = 0;
@@ -92,38 +75,24 @@ Exps exp_shifted(float* row, int64_t L) {
   return {peak, total};
 }
 
-// out[d0 .. d0 + 8 * CHUNKS) = sum_s p[s] * value_s[...]: the output tile stays in registers for the
-// whole context instead of being loaded and stored once per key.
-template <int CHUNKS>
-void weigh_values_tile(const float* p, const float* values, const int64_t* slot_of, int64_t L, int64_t stride,
-                       int64_t d0, float* out) {
-  __m256 acc[CHUNKS];
-  for (int c = 0; c < CHUNKS; ++c) acc[c] = _mm256_setzero_ps();
-  for (int64_t s = 0; s < L; ++s) {
-    const __m256 weight = _mm256_set1_ps(p[s]);
-    const float* value = values + slot_of[s] * stride + d0;
-    if (s + kAheadKeys < L) prefetch_row(values + slot_of[s + kAheadKeys] * stride + d0, 8 * CHUNKS);
-    for (int c = 0; c < CHUNKS; ++c) acc[c] = _mm256_fmadd_ps(weight, _mm256_loadu_ps(value + 8 * c), acc[c]);
-  }
-  for (int c = 0; c < CHUNKS; ++c) _mm256_storeu_ps(out + d0 + 8 * c, acc[c]);
-}
-
+// out[d] = sum_s p[s] * value_s[d] for d0 <= d < D: the columns weigh_values_heads leaves (fewer than 32),
+// eight at a time while they last, the output staying in a register for the whole context.
 void weigh_values(const float* p, const float* values, const int64_t* slot_of, int64_t L, int64_t stride,
-                  int64_t D, float* out, int64_t d0 = 0) {
-  for (; d0 + 64 <= D; d0 += 64) weigh_values_tile<8>(p, values, slot_of, L, stride, d0, out);
-  for (; d0 + 8 <= D; d0 += 8) weigh_values_tile<1>(p, values, slot_of, L, stride, d0, out);
+                  int64_t D, float* out, int64_t d0) {
+  for (; d0 + 8 <= D; d0 += 8) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t s = 0; s < L; ++s) {
+      if (s + kAheadKeys < L) prefetch_row(values + slot_of[s + kAheadKeys] * stride + d0, 8);
+      acc = _mm256_fmadd_ps(_mm256_set1_ps(p[s]), _mm256_loadu_ps(values + slot_of[s] * stride + d0), acc);
+    }
+    _mm256_storeu_ps(out + d0, acc);
+  }
   if (d0 == D) return;
   std::fill(out + d0, out + D, 0.f);
   for (int64_t s = 0; s < L; ++s) {
     const float* value = values + slot_of[s] * stride;
     for (int64_t d = d0; d < D; ++d) out[d] += p[s] * value[d];
   }
-}
-
-// Lane j of the result is the sum of the eight lanes of a[j], j < 4.
-inline __m128 sum4x8(const __m256* a) {
-  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-  return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
 }
 
 // The query heads that share a KV head (GQA) read the same keys and values: NG of them at once load each key

@@ -278,7 +278,8 @@ inline __m256 pair_scales(const float* v) {
   return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(pair), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
 }
 
-// Eight groups' scales in the order int4_block leaves its sums: 0, 2, 4, 6, 1, 3, 5, 7.
+// Eight groups' scales in the order int4_direct's three horizontal adds leave their sums:
+// 0, 2, 4, 6, 1, 3, 5, 7.
 inline __m256 block_scales(const float* v) {
   return _mm256_permutevar8x32_ps(_mm256_loadu_ps(v), _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
 }

@@ -1,6 +1,6 @@
 // AVX2 helpers shared by the kernels: a vectorised exp (softmax and SiLU call it per element, and
 // std::exp one lane at a time was most of the decode-attention time at long contexts) and a reduction
-// of eight accumulators to one vector of their eight sums.
+// of four accumulators to one vector of their four sums.
 #pragma once
 #include <immintrin.h>
 
@@ -25,11 +25,10 @@ inline __m256 exp256(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
 }
 
-// Lane j of the result is the sum of the eight lanes of a[j].
-inline __m256 sum8x8(const __m256* a) {
-  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+// Lane j of the result is the sum of the eight lanes of a[j], j < 4.
+inline __m128 sum4x8(const __m256* a) {
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
 }
 
 // Software prefetch of weights we will stream soon. Into L2, not L1: with T0 the L1's few miss buffers
