@@ -21,7 +21,7 @@ from tokenmill.layers.quantization import (
 )
 from tokenmill.sampling import SamplingParams
 
-ROWS = (1, 2, 3, 4, 5, 7, 31, 32, 40)
+ROWS = (1, 2, 3, 4, 5, 7, 10, 11, 13, 31, 32, 40)
 
 
 def test_kernels_build_on_this_machine():
@@ -53,7 +53,7 @@ def test_int4_rejects_a_group_that_does_not_divide_the_row():
 
 
 @pytest.mark.parametrize("rows", ROWS)
-@pytest.mark.parametrize("shape", [(96, 64), (256, 576), (64, 800)])
+@pytest.mark.parametrize("shape", [(96, 64), (256, 576), (64, 800), (100, 96)])
 def test_kernels_equal_the_pytorch_fallback(rows, shape):
     torch.manual_seed(rows)
     weight = torch.randn(*shape) * 0.05

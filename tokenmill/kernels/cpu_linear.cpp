@@ -75,28 +75,6 @@ inline void run_dot_tiles(const float* panel, int64_t panel_stride, const float*
 
 inline float sum8_epi32(__m256i v) { return sum8(_mm256_cvtepi32_ps(v)); }
 
-inline __m256 widen_u8(__m128i bytes) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)); }
-
-// Each 32 weights are 16 bytes: the low nibble of byte j is weight j, the high nibble weight j + 16
-// (llama.cpp's Q4 layout). w = q * scale + min, with one (scale, min) per `group` weights.
-inline void decode_int4_row(const uint8_t* packed, const float* scales, const float* mins, int64_t group,
-                            float* out, int64_t K) {
-  const __m128i mask = _mm_set1_epi8(0x0F);
-  for (int64_t k = 0; k < K; k += 32) {
-    if (k % 128 == 0) prefetch_l2(packed + kAhead * (K / 2) + k / 2);
-    const int64_t g = k / group;
-    const __m256 s = _mm256_set1_ps(scales[g]);
-    const __m256 z = _mm256_set1_ps(mins[g]);
-    __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + k / 2));
-    __m128i low = _mm_and_si128(bytes, mask);
-    __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-    _mm256_storeu_ps(out + k, _mm256_fmadd_ps(widen_u8(low), s, z));
-    _mm256_storeu_ps(out + k + 8, _mm256_fmadd_ps(widen_u8(_mm_srli_si128(low, 8)), s, z));
-    _mm256_storeu_ps(out + k + 16, _mm256_fmadd_ps(widen_u8(high), s, z));
-    _mm256_storeu_ps(out + k + 24, _mm256_fmadd_ps(widen_u8(_mm_srli_si128(high, 8)), s, z));
-  }
-}
-
 // A few input rows as int16 with one fp32 scale per row: x ~ xq * scale. With integer activations the
 // weights need widening only to int16, and vpmaddwd multiplies sixteen of them and adds pairs in one
 // instruction, against four instructions per eight weights to widen to fp32 and FMA. 16 bits keep the
@@ -149,28 +127,25 @@ struct Int8Groups {
   std::vector<float> sums;  // [M, K / group]: the rounded activations summed over each weight group
 };
 
-// Rows of x on the same int8 grid (q * scale, in fp32) for the many-row paths, which multiply in fp32: every
-// int4 product sees the same activations, however many rows share its step (a sequence's tokens do not
-// depend on its neighbours in the batch), as the fallback computes them.
-inline at::Tensor round_groups_int8(const at::Tensor& x) {
-  const int64_t M = x.size(0), K = x.size(1);
-  at::Tensor out = at::empty({M, K}, x.options());
-  const float* xp = x.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m)
-      for (int64_t k = 0; k < K; k += 32) {
-        const float largest = largest_abs(xp + m * K + k, 32);
-        const __m256 inverse = _mm256_set1_ps(largest > 0 ? 127.f / largest : 0.f);
-        const __m256 scale = _mm256_set1_ps(largest / 127.f);
-        UNROLL for (int j = 0; j < 32; j += 8) {
-          const __m256 v = _mm256_loadu_ps(xp + m * K + k + j);
-          const __m256 q = _mm256_round_ps(_mm256_mul_ps(v, inverse), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-          _mm256_storeu_ps(op + m * K + k + j, _mm256_mul_ps(q, scale));
-        }
-      }
-  });
-  return out;
+// 32 values rounded to int8 with one scale, the largest |v| / 127 (vcvtps2dq rounds to nearest even, as
+// torch.round does in the fallback): the bytes in order, the scale, and the sum of the rounded values.
+struct Int8Block {
+  __m256i bytes;
+  float scale;
+  float sum;
+};
+
+inline Int8Block round_block_int8(const float* v) {
+  const float largest = largest_abs(v, 32);
+  const __m256 inverse = _mm256_set1_ps(largest > 0 ? 127.f / largest : 0.f);
+  __m256i q[4];
+  UNROLL for (int j = 0; j < 4; ++j) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + 8 * j), inverse));
+  const __m256i total = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+  // The packs interleave 128-bit halves (and then 4-byte runs); the permute puts the 32 bytes back in order.
+  const __m256i bytes = _mm256_permutevar8x32_epi32(
+      _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3])),
+      _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  return {bytes, largest / 127.f, sum8_epi32(total)};
 }
 
 inline Int8Groups quantize_groups_int8(const float* x, int64_t M, int64_t K, int64_t group) {
@@ -179,29 +154,19 @@ inline Int8Groups quantize_groups_int8(const float* x, int64_t M, int64_t K, int
   rows.q.resize(M * K);
   rows.scale.resize(M * K / 32);
   rows.sums.assign(M * groups, 0.f);
-  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t k = 0; k < K; k += 32) {
-      const float* v = x + m * K + k;
-      const float largest = largest_abs(v, 32), scale = largest / 127.f;
-      const __m256 inverse = _mm256_set1_ps(largest > 0 ? 127.f / largest : 0.f);
-      __m256i q[4];
-      // vcvtps2dq rounds to nearest even, as torch.round does in the fallback.
-      UNROLL for (int j = 0; j < 4; ++j) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + 8 * j), inverse));
-      const __m256i total = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
-      // The packs interleave 128-bit halves (and then 4-byte runs); the permute puts the 32 bytes back in order.
-      const __m256i bytes = _mm256_permutevar8x32_epi32(
-          _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3])), order);
+      const Int8Block block = round_block_int8(x + m * K + k);
       int8_t* out = rows.q.data() + m * K + (k / 64) * 64;
       const int64_t half = (k / 32) % 2;
       if (k + 32 > K / 64 * 64) {
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), bytes);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), block.bytes);
       } else {
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16 * half), _mm256_castsi256_si128(bytes));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 32 + 16 * half), _mm256_extracti128_si256(bytes, 1));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16 * half), _mm256_castsi256_si128(block.bytes));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 32 + 16 * half), _mm256_extracti128_si256(block.bytes, 1));
       }
-      rows.scale[m * K / 32 + k / 32] = scale;
-      rows.sums[m * groups + k / group] += scale * static_cast<float>(sum8_epi32(total));
+      rows.scale[m * K / 32 + k / 32] = block.scale;
+      rows.sums[m * groups + k / group] += block.scale * block.sum;
     }
   }
   return rows;
@@ -368,10 +333,11 @@ inline void int4_direct(const uint8_t* packed, const float* scales, const float*
 }
 
 // Up to this many input rows the direct kernels run (two input rows per pass, the 4-row weight panel re-read
-// from L1), up to the outer-product crossover: at 3-24 rows 15-40% (int8) and 10-35% (int4) faster than
-// decoding each panel to fp32 once for dot products over it (measured on SmolLM2's shapes, two threads).
-// layers/linear.py mirrors the int8 bound (the fallback rounds activations the same way).
-constexpr int64_t kInt8DirectMaxRows = 31, kInt4DirectMaxRows = 31;
+// from L1). int8: up to the outer-product crossover, at 3-24 rows 15-40% faster than decoding each panel to
+// fp32 once for dot products over it; layers/linear.py mirrors the bound (the fallback rounds activations the
+// same way). int4: up to its integer tiles' crossover (SmolLM2's 120 matmuls, two threads: 8 rows 10.4 ms
+// direct vs 11.1 tiled, 12 rows 14.9 vs 13.7).
+constexpr int64_t kInt8DirectMaxRows = 31, kInt4DirectMaxRows = 10;
 
 constexpr int64_t kPanel = 16;  // output rows per panel of the outer-product path: two vectors
 constexpr int64_t kTileRows = 6;  // input rows per tile: 12 accumulators + 2 weights + 1 broadcast registers
@@ -515,10 +481,10 @@ at::Tensor check_input(const at::Tensor& x, int64_t K) {
 
 // prepare(x, M, K) rounds the activations for the direct path (int8: Int16Rows; int4: Int8Groups);
 // direct(n0, rows, m0, y, MB) multiplies one 4-row weight panel by prepared rows m0 .. m0 + MB - 1 (MB <= 2);
-// more rows than direct_max_rows go to the outer-product tiles, pack_rows as in tiled_linear.
-template <typename Prepare, typename Direct, typename PackRows>
+// more rows than direct_max_rows go to many(x, M, y), the format's tiles.
+template <typename Prepare, typename Direct, typename Many>
 at::Tensor quantized_linear(const at::Tensor& x_in, int64_t N, int64_t K, int64_t direct_max_rows,
-                            Prepare prepare, Direct direct, int64_t scratch, PackRows pack_rows) {
+                            Prepare prepare, Direct direct, Many many) {
   at::Tensor x = check_input(x_in, K);
   TORCH_CHECK(N % kRows == 0 && K % 32 == 0, "need N % 4 == 0 and K % 32 == 0");
   const int64_t M = x.size(0);
@@ -533,9 +499,145 @@ at::Tensor quantized_linear(const at::Tensor& x_in, int64_t N, int64_t K, int64_
           direct(p * kRows, rows, m0, yp + m0 * N + p * kRows, std::min<int64_t>(2, M - m0));
     });
   } else {
-    tiled_linear(xp, M, N, K, yp, scratch, pack_rows);
+    many(xp, M, yp);
   }
   return y;
+}
+
+// int4's many-row path: integer tiles. Many rows make the multiply units the limit, and at 64 rows the fp32
+// tiles above already run at the two cores' FMA peak. vpmaddubsw does 32 byte products (and adds pairs) per
+// instruction against an FMA's 8; with 4-bit weights a pair is at most 2 x 15 x 127, so eight of them add up
+// in int16 before one vpmaddwd widens a block of 32 to int32, and no horizontal sum is needed: a panel holds
+// eight output rows, and for each 4 values of k one 32-byte vector has their eight rows' four weights, met by
+// the input row's four activations broadcast. The activations are int8 per 32 in order (the decode kernel's
+// rounding: the same integer sums at every row count).
+struct Int8Blocks {
+  std::vector<int8_t> q;  // [M, K]
+  std::vector<float> scale;  // [M, K / 32]
+  std::vector<float> offset;  // [M, K / 32]: scale * the block's sum, which multiplies the weights' minimum
+};
+
+inline Int8Blocks quantize_blocks_int8(const float* x, int64_t M, int64_t K) {
+  Int8Blocks rows;
+  rows.q.resize(M * K);
+  rows.scale.resize(M * K / 32);
+  rows.offset.resize(M * K / 32);
+  at::parallel_for(0, M, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m)
+      for (int64_t k = 0; k < K; k += 32) {
+        const Int8Block block = round_block_int8(x + m * K + k);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(rows.q.data() + m * K + k), block.bytes);
+        rows.scale[(m * K + k) / 32] = block.scale;
+        rows.offset[(m * K + k) / 32] = block.scale * block.sum;
+      }
+  });
+  return rows;
+}
+
+constexpr int64_t kInt4Panel = 8;  // output rows per integer panel: one int32 lane each
+
+// A panel of int4 rows n0 .. n0 + width - 1 over all of K, per block of 32: four 32-byte vectors (vector j:
+// each row's bytes 4j .. 4j + 3, i.e. weights 4j .. 4j + 3 in the low nibbles and 4j + 16 .. 4j + 19 in the
+// high ones, row r at bytes 4r .. 4r + 3), then the rows' 8 scales and 8 minimums. Rows past `width` are zero.
+inline void pack_int4_panel(const uint8_t* packed, const float* scales, const float* mins, int64_t group,
+                            int64_t K, int64_t width, uint8_t* weights, float* factors) {
+  const int64_t groups = K / group;
+  for (int64_t b = 0; b < K / 32; ++b) {
+    __m128i r[kInt4Panel];
+    UNROLL for (int n = 0; n < kInt4Panel; ++n)
+      r[n] = n < width ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + n * (K / 2) + 16 * b))
+                       : _mm_setzero_si128();
+    // An 8 x 4 transpose of 4-byte words: rows 0-3 in the low 128 bits, rows 4-7 in the high.
+    const __m256i a0 = _mm256_set_m128i(r[4], r[0]), a1 = _mm256_set_m128i(r[5], r[1]);
+    const __m256i a2 = _mm256_set_m128i(r[6], r[2]), a3 = _mm256_set_m128i(r[7], r[3]);
+    const __m256i t0 = _mm256_unpacklo_epi32(a0, a1), t1 = _mm256_unpackhi_epi32(a0, a1);
+    const __m256i t2 = _mm256_unpacklo_epi32(a2, a3), t3 = _mm256_unpackhi_epi32(a2, a3);
+    __m256i* out = reinterpret_cast<__m256i*>(weights + 128 * b);
+    _mm256_store_si256(out, _mm256_unpacklo_epi64(t0, t2));
+    _mm256_store_si256(out + 1, _mm256_unpackhi_epi64(t0, t2));
+    _mm256_store_si256(out + 2, _mm256_unpacklo_epi64(t1, t3));
+    _mm256_store_si256(out + 3, _mm256_unpackhi_epi64(t1, t3));
+    const int64_t g = b * 32 / group;
+    for (int64_t n = 0; n < kInt4Panel; ++n) {
+      factors[16 * b + n] = n < width ? scales[n * groups + g] : 0.f;
+      factors[16 * b + 8 + n] = n < width ? mins[n * groups + g] : 0.f;
+    }
+  }
+}
+
+inline __m256i broadcast4(const int8_t* p) {
+  int32_t word;
+  std::memcpy(&word, p, sizeof(word));
+  return _mm256_set1_epi32(word);
+}
+
+// MB input rows (from m0) times one packed panel; y points at output (m0, n0).
+template <int MB>
+inline void int4_tile(const uint8_t* weights, const float* factors, const Int8Blocks& x, int64_t m0, int64_t K,
+                      float* y, int64_t N, int64_t width) {
+  const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const int64_t blocks = K / 32;
+  const int8_t* xq = x.q.data() + m0 * K;
+  const float* xs = x.scale.data() + m0 * blocks;
+  const float* xo = x.offset.data() + m0 * blocks;
+  __m256 acc[MB];
+  UNROLL for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m256i sums[MB];
+    UNROLL for (int j = 0; j < 4; ++j) {
+      const __m256i bytes = _mm256_load_si256(reinterpret_cast<const __m256i*>(weights + 128 * b + 32 * j));
+      const __m256i low = _mm256_and_si256(bytes, mask);
+      const __m256i high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);
+      UNROLL for (int m = 0; m < MB; ++m) {
+        const int8_t* xm = xq + m * K + 32 * b + 4 * j;
+        const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(low, broadcast4(xm)),
+                                           _mm256_maddubs_epi16(high, broadcast4(xm + 16)));
+        sums[m] = j == 0 ? p : _mm256_add_epi16(sums[m], p);
+      }
+    }
+    const __m256 scale = _mm256_load_ps(factors + 16 * b), low = _mm256_load_ps(factors + 16 * b + 8);
+    UNROLL for (int m = 0; m < MB; ++m) {
+      const __m256 total = _mm256_cvtepi32_ps(_mm256_madd_epi16(sums[m], ones));
+      acc[m] = _mm256_fmadd_ps(total, _mm256_mul_ps(scale, _mm256_broadcast_ss(xs + m * blocks + b)), acc[m]);
+      acc[m] = _mm256_fmadd_ps(low, _mm256_broadcast_ss(xo + m * blocks + b), acc[m]);
+    }
+  }
+  UNROLL for (int m = 0; m < MB; ++m) {
+    if (width == kInt4Panel) {
+      _mm256_storeu_ps(y + m * N, acc[m]);
+    } else {
+      alignas(32) float row[kInt4Panel];
+      _mm256_store_ps(row, acc[m]);
+      std::memcpy(y + m * N, row, width * sizeof(float));
+    }
+  }
+}
+
+constexpr int64_t kInt4TileRows = 4;  // 4, 5 and 6 measured alike; 3 ~30% slower
+
+inline void int4_tiles(const uint8_t* packed, const float* scales, const float* mins, int64_t group,
+                       const Int8Blocks& x, int64_t M, int64_t N, int64_t K, float* y) {
+  const int64_t groups = K / group;
+  at::parallel_for(0, (N + kInt4Panel - 1) / kInt4Panel, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> weight_storage(K * kInt4Panel / 2 + 32);
+    std::vector<float> factor_storage(K / 2 + 8);
+    uint8_t* weights = weight_storage.data() + (-reinterpret_cast<uintptr_t>(weight_storage.data())) % 32;
+    float* factors = factor_storage.data() + (-reinterpret_cast<uintptr_t>(factor_storage.data()) / 4) % 8;
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t n0 = p * kInt4Panel, width = std::min(kInt4Panel, N - n0);
+      pack_int4_panel(packed + n0 * (K / 2), scales + n0 * groups, mins + n0 * groups, group, K, width, weights,
+                      factors);
+      int64_t m = 0;
+      for (; m + kInt4TileRows <= M; m += kInt4TileRows)
+        int4_tile<kInt4TileRows>(weights, factors, x, m, K, y + m * N + n0, N, width);
+      switch (M - m) {
+        case 3: int4_tile<3>(weights, factors, x, m, K, y + m * N + n0, N, width); break;
+        case 2: int4_tile<2>(weights, factors, x, m, K, y + m * N + n0, N, width); break;
+        case 1: int4_tile<1>(weights, factors, x, m, K, y + m * N + n0, N, width); break;
+        default: break;
+      }
+    }
+  });
 }
 
 }  // namespace
@@ -556,8 +658,9 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
         if (M == 1) int8_direct<1>(q + n0 * K, s + n0, rows, m0, yp, N, K);
         else int8_direct<2>(q + n0 * K, s + n0, rows, m0, yp, N, K);
       },
-      kPanel,
-      [&](int64_t n0, int64_t width, int64_t k0, int64_t k1, float* buf, float* panel_scales) {
+      [&](const float* xp, int64_t M, float* yp) {
+        tiled_linear(xp, M, N, K, yp, kPanel, [&](int64_t n0, int64_t width, int64_t k0, int64_t k1, float* buf,
+                                                  float* panel_scales) {
         const int8_t* rows = q + n0 * K;
         const auto load8 = [&](int64_t j, int64_t k) {
           const int8_t* row = rows + j * K + k;
@@ -570,12 +673,12 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
           return _mm256_mul_ps(v, _mm256_loadu_ps(panel_scales + half * 8));
         };
         pack(load8, finish, width, k0, k1, buf);
+        });
       });
 }
 
-// int4 rows are dequantised whole first (32 weights per 16-byte load; eight at a time inside the transpose
-// ran at half the speed), then packed like fp32.
-at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+// Few rows: the direct kernel on the packed rows; many: integer tiles on panels repacked as they go.
+at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& scales,
                        const at::Tensor& mins, int64_t group) {
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed must be contiguous uint8");
   TORCH_CHECK(group % 32 == 0, "group must be a multiple of 32");
@@ -587,10 +690,8 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   const float* s = scales.data_ptr<float>();
   const float* z = mins.data_ptr<float>();
   const int64_t groups = K / group;
-  at::Tensor xr = check_input(x, K);
-  if (xr.size(0) > kInt4DirectMaxRows) xr = round_groups_int8(xr);
   return quantized_linear(
-      xr, N, K, kInt4DirectMaxRows,
+      x_in, N, K, kInt4DirectMaxRows,
       [&](const float* xp, int64_t M, int64_t K) { return quantize_groups_int8(xp, M, K, group); },
       [&](int64_t n0, const Int8Groups& rows, int64_t m0, float* yp, int64_t M) {
         const uint8_t* panel = q + n0 * (K / 2);
@@ -603,14 +704,8 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
           else int4_direct<2, false>(panel, panel_scales, panel_mins, group, rows, m0, yp, N, K);
         }
       },
-      kPanel * K,
-      [&](int64_t n0, int64_t width, int64_t k0, int64_t k1, float* buf, float* rows) {
-        if (k0 == 0)
-          for (int64_t j = 0; j < width; ++j)
-            decode_int4_row(q + (n0 + j) * (K / 2), s + (n0 + j) * groups, z + (n0 + j) * groups, group,
-                            rows + j * K, K);
-        const auto load8 = [&](int64_t j, int64_t k) { return _mm256_loadu_ps(rows + j * K + k); };
-        pack(load8, no_finish, width, k0, k1, buf);
+      [&](const float* xp, int64_t M, float* yp) {
+        int4_tiles(q, s, z, group, quantize_blocks_int8(xp, M, K), M, N, K, yp);
       });
 }
 
