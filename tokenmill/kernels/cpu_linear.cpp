@@ -565,7 +565,7 @@ inline void pack_int4_panel(const uint8_t* packed, const float* scales, const fl
   }
 }
 
-inline __m256i broadcast4(const int8_t* p) {
+inline __m256i broadcast4(const void* p) {
   int32_t word;
   std::memcpy(&word, p, sizeof(word));
   return _mm256_set1_epi32(word);
@@ -640,6 +640,86 @@ inline void int4_tiles(const uint8_t* packed, const float* scales, const float* 
   });
 }
 
+// int8's many-row path: int16 tiles. The weights widen to int16 and meet the activations rounded to int16
+// (one scale per row, as in the direct kernel) in vpmaddwd: per 16 products one vpmaddwd and one vpaddd
+// against two FMAs, and where the FMAs have two of the four vector pipes, integer adds have all four. A
+// panel is eight output rows, stored per pair of k as 8 x 2 int16; one broadcast of the input row's pair of
+// activations meets it, and each int32 lane is one output. Sums go to fp32 every kInt16TileChunk values of
+// k: per lane that many products of at most 128 x 32767 stay below 2^31.
+constexpr int64_t kInt16TileChunk = 512;
+
+// Rows n0 .. n0 + width - 1 of int8 weights over all of K, as [K / 2][8 rows][2] int16 (rows past `width`
+// zero): widened sixteen values at a time, then a transpose of 4-byte words (the pairs).
+inline void pack_int8_panel(const int8_t* q, int64_t K, int64_t width, int16_t* out) {
+  for (int64_t k = 0; k < K; k += 16) {
+    __m256 r[kInt4Panel];
+    UNROLL for (int n = 0; n < kInt4Panel; ++n)
+      r[n] = n < width ? _mm256_castsi256_ps(_mm256_cvtepi8_epi16(
+                             _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + n * K + k))))
+                       : _mm256_setzero_ps();
+    transpose8(r);
+    UNROLL for (int j = 0; j < 8; ++j) _mm256_store_ps(reinterpret_cast<float*>(out + (k + 2 * j) * 8), r[j]);
+  }
+}
+
+// MB input rows (from m0) times one packed panel with its eight rows' scales; y points at output (m0, n0).
+template <int MB>
+inline void int8_tile(const int16_t* panel, const float* scales, const Int16Rows& x, int64_t m0, int64_t K,
+                      float* y, int64_t N, int64_t width) {
+  const int16_t* xq = x.q.data() + m0 * K;
+  __m256 acc[MB];
+  UNROLL for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
+  for (int64_t k0 = 0; k0 < K; k0 += kInt16TileChunk) {
+    const int64_t k1 = std::min(K, k0 + kInt16TileChunk);
+    __m256i sums[MB];
+    UNROLL for (int m = 0; m < MB; ++m) sums[m] = _mm256_setzero_si256();
+    _Pragma("GCC unroll 4") for (int64_t k = k0; k < k1; k += 2) {
+      const __m256i w = _mm256_load_si256(reinterpret_cast<const __m256i*>(panel + k * 8));
+      UNROLL for (int m = 0; m < MB; ++m)
+        sums[m] = _mm256_add_epi32(sums[m], _mm256_madd_epi16(w, broadcast4(xq + m * K + k)));
+    }
+    UNROLL for (int m = 0; m < MB; ++m) acc[m] = _mm256_add_ps(acc[m], _mm256_cvtepi32_ps(sums[m]));
+  }
+  const __m256 scale = _mm256_loadu_ps(scales);
+  UNROLL for (int m = 0; m < MB; ++m) {
+    const __m256 out = _mm256_mul_ps(_mm256_mul_ps(acc[m], scale), _mm256_set1_ps(x.scale[m0 + m]));
+    if (width == kInt4Panel) {
+      _mm256_storeu_ps(y + m * N, out);
+    } else {
+      alignas(32) float row[kInt4Panel];
+      _mm256_store_ps(row, out);
+      std::memcpy(y + m * N, row, width * sizeof(float));
+    }
+  }
+}
+
+constexpr int64_t kInt8TileRows = 6;
+
+inline void int8_tiles(const int8_t* q, const float* scales, const Int16Rows& x, int64_t M, int64_t N, int64_t K,
+                       float* y) {
+  at::parallel_for(0, (N + kInt4Panel - 1) / kInt4Panel, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int16_t> storage(K * kInt4Panel + 16);
+    int16_t* panel = storage.data() + (-reinterpret_cast<uintptr_t>(storage.data()) / 2) % 16;
+    alignas(32) float panel_scales[kInt4Panel];
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t n0 = p * kInt4Panel, width = std::min(kInt4Panel, N - n0);
+      pack_int8_panel(q + n0 * K, K, width, panel);
+      for (int64_t n = 0; n < kInt4Panel; ++n) panel_scales[n] = n < width ? scales[n0 + n] : 0.f;
+      int64_t m = 0;
+      for (; m + kInt8TileRows <= M; m += kInt8TileRows)
+        int8_tile<kInt8TileRows>(panel, panel_scales, x, m, K, y + m * N + n0, N, width);
+      switch (M - m) {
+        case 5: int8_tile<5>(panel, panel_scales, x, m, K, y + m * N + n0, N, width); break;
+        case 4: int8_tile<4>(panel, panel_scales, x, m, K, y + m * N + n0, N, width); break;
+        case 3: int8_tile<3>(panel, panel_scales, x, m, K, y + m * N + n0, N, width); break;
+        case 2: int8_tile<2>(panel, panel_scales, x, m, K, y + m * N + n0, N, width); break;
+        case 1: int8_tile<1>(panel, panel_scales, x, m, K, y + m * N + n0, N, width); break;
+        default: break;
+      }
+    }
+  });
+}
+
 }  // namespace
 
 namespace tokenmill {
@@ -658,23 +738,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
         if (M == 1) int8_direct<1>(q + n0 * K, s + n0, rows, m0, yp, N, K);
         else int8_direct<2>(q + n0 * K, s + n0, rows, m0, yp, N, K);
       },
-      [&](const float* xp, int64_t M, float* yp) {
-        tiled_linear(xp, M, N, K, yp, kPanel, [&](int64_t n0, int64_t width, int64_t k0, int64_t k1, float* buf,
-                                                  float* panel_scales) {
-        const int8_t* rows = q + n0 * K;
-        const auto load8 = [&](int64_t j, int64_t k) {
-          const int8_t* row = rows + j * K + k;
-          if (k % 64 == 0) prefetch_l2(row + kPanel * K);
-          __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row));
-          return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
-        };
-        for (int64_t j = 0; j < kPanel; ++j) panel_scales[j] = j < width ? s[n0 + j] : 0.f;
-        const auto finish = [&](__m256 v, int half, int64_t) {
-          return _mm256_mul_ps(v, _mm256_loadu_ps(panel_scales + half * 8));
-        };
-        pack(load8, finish, width, k0, k1, buf);
-        });
-      });
+      [&](const float* xp, int64_t M, float* yp) { int8_tiles(q, s, quantize_rows_int16(xp, M, K), M, N, K, yp); });
 }
 
 // Few rows: the direct kernel on the packed rows; many: integer tiles on panels repacked as they go.

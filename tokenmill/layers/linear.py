@@ -98,9 +98,6 @@ class _QuantizedLinear:
 class Int8Linear(_QuantizedLinear):
     """Per-output-channel symmetric int8 weights."""
 
-    # Up to this many rows the kernel rounds activations to int16 (cpu_linear.cpp's kInt8DirectMaxRows).
-    int16_max_rows = 31
-
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         self.quantized = quantize_int8(weight)
         self.bias = bias
@@ -114,7 +111,7 @@ class Int8Linear(_QuantizedLinear):
         return dequantize_int8(self.quantized)
 
     def _round(self, x: torch.Tensor) -> torch.Tensor:
-        return round_activations_int16(x) if _flat(x).shape[0] <= self.int16_max_rows else x
+        return round_activations_int16(x)  # at every row count, as the kernel does
 
 
 class Int4Linear(_QuantizedLinear):
