@@ -99,20 +99,22 @@ inline Int16Rows quantize_rows_int16(const float* x, int64_t M, int64_t K) {
   Int16Rows rows;
   rows.q.resize(M * K);
   rows.scale.resize(M);
-  for (int64_t m = 0; m < M; ++m) {
-    const float* row = x + m * K;
-    const float largest = largest_abs(row, K);
-    rows.scale[m] = largest / 32767.f;
-    const __m256 inverse = _mm256_set1_ps(largest > 0 ? 32767.f / largest : 0.f);
-    int16_t* out = rows.q.data() + m * K;
-    for (int64_t k = 0; k < K; k += 16) {
-      // vcvtps2dq rounds to nearest even; packs interleaves 128-bit halves, the permute restores order.
-      const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + k), inverse));
-      const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + k + 8), inverse));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k),
-                          _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8));
+  at::parallel_for(0, M, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const float* row = x + m * K;
+      const float largest = largest_abs(row, K);
+      rows.scale[m] = largest / 32767.f;
+      const __m256 inverse = _mm256_set1_ps(largest > 0 ? 32767.f / largest : 0.f);
+      int16_t* out = rows.q.data() + m * K;
+      for (int64_t k = 0; k < K; k += 16) {
+        // vcvtps2dq rounds to nearest even; packs interleaves 128-bit halves, the permute restores order.
+        const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + k), inverse));
+        const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + k + 8), inverse));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k),
+                            _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8));
+      }
     }
-  }
+  });
   return rows;
 }
 
