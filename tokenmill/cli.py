@@ -41,6 +41,12 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
         "--quantization", default=None, choices=["none", "int8", "int4"], help="weight format (default fp32)"
     )
     parser.add_argument("--group-size", type=int, default=32, help="int4 weights per scale: 32, 64 or 128")
+    parser.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto", "float32", "float16"],
+        help="what the KV cache stores (auto: as the model computes; float16 halves its bytes)",
+    )
 
 
 def _quantization(value: str | None) -> str | None:
@@ -67,6 +73,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         speculative=args.speculative,
         quantization=_quantization(args.quantization),
         quantization_group_size=args.group_size,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
 
 
@@ -207,6 +214,7 @@ def cmd_bench_offline(args: argparse.Namespace) -> int:
         batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",") if b),
         quantizations=tuple(q for q in args.quantization.split(",") if q) or ("none",),
         llamacpp_weights=tuple(w for w in args.llamacpp_weights.split(",") if w) or ("native",),
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     print(markdown_table(results))
     print(f"wrote {Path(args.out_dir) / 'offline.json'}, offline.md, offline.png")
@@ -363,6 +371,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--llamacpp-weights",
         default="native",
         help="llama.cpp GGUF weights: native (as shipped) and/or re-encoded f32, f16, q8_0, q4_0, q4_1",
+    )
+    offline.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto", "float32", "float16"],
+        help="tokenmill's KV cache",
     )
     offline.add_argument("--out-dir", default="results")
     offline.set_defaults(func=cmd_bench_offline)

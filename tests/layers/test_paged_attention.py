@@ -13,12 +13,13 @@ from tokenmill.layers.attention import AttentionContext, paged_attention
 # one item per query head, sequences of different lengths side by side.
 @pytest.mark.parametrize("lengths", [[1, 9, 37, 16], [300], [2], [130, 3]])
 @pytest.mark.parametrize("heads,kv_heads,dim", [(4, 2, 32), (9, 3, 64), (2, 2, 20), (4, 1, 16)])
-def test_paged_decode_kernel_matches_gather_and_sdpa(heads, kv_heads, dim, lengths):
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_paged_decode_kernel_matches_gather_and_sdpa(heads, kv_heads, dim, lengths, cache_dtype):
     assert kernels_available()
     torch.manual_seed(heads * dim)
     block_size, num_blocks = 8, 60
-    k_cache = torch.randn(num_blocks * block_size, kv_heads, dim)
-    v_cache = torch.randn(num_blocks * block_size, kv_heads, dim)
+    k_cache = torch.randn(num_blocks * block_size, kv_heads, dim).to(cache_dtype)
+    v_cache = torch.randn(num_blocks * block_size, kv_heads, dim).to(cache_dtype)
     permutation = torch.randperm(num_blocks).tolist()  # blocks scattered over the pool
     tables, used = [], 0
     for length in lengths:
@@ -29,7 +30,7 @@ def test_paged_decode_kernel_matches_gather_and_sdpa(heads, kv_heads, dim, lengt
     block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
     batch = len(lengths)
     q = torch.randn(batch, heads, dim)
-    k_new = k_cache[torch.zeros(batch, dtype=torch.long)].clone()  # written to slot 0 by both paths
+    k_new = k_cache[torch.zeros(batch, dtype=torch.long)].float()  # written to slot 0 by both paths
     kernel_ctx = AttentionContext(
         slot_mapping=torch.zeros(0, dtype=torch.long),
         num_decode=batch,

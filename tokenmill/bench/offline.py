@@ -145,6 +145,7 @@ def _tokenmill_results(
     batch_sizes: tuple[int, ...],
     out_dir: Path | None,
     quantization: str,
+    kv_cache_dtype: str = "auto",
 ) -> tuple[dict[str, list[list[int]]], list[int], list[BenchResult]]:
     """tokenmill in one weight format: single-stream decode, then each workload (and the batch sweep)."""
     config = EngineConfig(
@@ -153,6 +154,7 @@ def _tokenmill_results(
         max_num_seqs=max(64, num_prompts, *batch_sizes),
         speculative=speculative,
         quantization=None if quantization in ("none", "fp32") else quantization,
+        kv_cache_dtype=kv_cache_dtype,
     )
     llm = LLM(config=config)
     sets = build_workloads(
@@ -169,6 +171,7 @@ def _tokenmill_results(
         if out_dir is not None:
             write_report(sweep, out_dir, "offline_sweep")
     label = "fp32" if quantization in ("none", "fp32") else quantization
+    label += " (KV fp16)" if kv_cache_dtype == "float16" else ""
     for result in results:
         result.system = f"tokenmill {label}" + (f" (speculative {speculative})" if speculative else "")
     del llm
@@ -192,6 +195,7 @@ def run_offline(
     batch_sizes: tuple[int, ...] = (),
     quantizations: tuple[str, ...] = ("none",),
     llamacpp_weights: tuple[str, ...] = ("native",),
+    kv_cache_dtype: str = "auto",
 ) -> list[BenchResult]:
     """Each workload through tokenmill, then through each peer; single-stream decode once per system.
 
@@ -199,7 +203,8 @@ def run_offline(
     False a missing vLLM is reported instead of installed. `batch_sizes` adds tokenmill's decode step time
     at each batch size against the roofline bound (offline_sweep.json/.md/.png). `quantizations` runs
     tokenmill once per weight format (none = fp32, int8, int4); `llamacpp_weights` runs llama.cpp on the
-    GGUF as shipped ("native") and re-encoded (f32, q8_0, q4_0, ...) by bench/gguf_convert.py."""
+    GGUF as shipped ("native") and re-encoded (f32, q8_0, q4_0, ...) by bench/gguf_convert.py;
+    `kv_cache_dtype` is tokenmill's KV cache format (EngineConfig)."""
     results: list[BenchResult] = []
     sets: dict[str, list[list[int]]] = {}
     for index, quantization in enumerate(quantizations):
@@ -215,6 +220,7 @@ def run_offline(
             batch_sizes if index == 0 else (),
             out_dir,
             quantization,
+            kv_cache_dtype,
         )
         results.extend(runs)
     if "hf" in peers:

@@ -93,14 +93,15 @@ class LLMEngine:
             config.quantization,
             config.quantization_group_size,
         )
-        per_block = kv_bytes_per_block(self.model_config, config.block_size, dtype)
+        kv_dtype = _DTYPES[config.resolved_kv_cache_dtype()]
+        per_block = kv_bytes_per_block(self.model_config, config.block_size, kv_dtype)
         num_blocks = config.num_kv_blocks or max(1, int(config.kv_cache_gib * 2**30 // per_block))
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
         # Scratch blocks for the branch candidates of speculative verification (speculation only runs
         # at small batches; more branches than this in one step go unverified).
         branch_blocks = BRANCH_BLOCKS if config.speculative else 0
-        self.runner = ModelRunner(self.model, config, num_blocks, dtype, branch_blocks)
+        self.runner = ModelRunner(self.model, config, num_blocks, kv_dtype, branch_blocks)
         self.eos_token_ids = tuple(
             sorted(set(self.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids))
         )

@@ -105,7 +105,8 @@ class ModelRunner:
                 [table + [0] * (width - len(table)) for table in tables_rows], dtype=torch.long
             )
             lengths = torch.tensor(context_lens)
-            if self.kv_cache.dtype == torch.float32 and kernels_available():
+            fp32_model = self.model.embed.dtype == torch.float32
+            if fp32_model and self.kv_cache.dtype in (torch.float32, torch.float16) and kernels_available():
                 ctx.decode_block_tables, ctx.decode_lengths = tables, lengths
                 ctx.block_size = self.block_size
             else:

@@ -35,21 +35,29 @@ using tokenmill::sum8;
 constexpr int64_t kAheadKeys = 64;
 constexpr int64_t kMinPart = 64;  // keys per part at least, when a small batch splits its contexts
 
-inline void prefetch_row(const float* row, int64_t D) {
-  for (int64_t d = 0; d < D; d += 16) tokenmill::prefetch_l2(row + d);
+// The cache holds fp32 or fp16 (at::Half's bits) rows; either is read as fp32, eight values at a time.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline float load1(const float* p) { return *p; }
+inline float load1(const uint16_t* p) { return _cvtsh_ss(*p); }
+
+template <typename T>
+inline void prefetch_row(const T* row, int64_t D) {
+  for (int64_t d = 0; d < D; d += 64 / sizeof(T)) tokenmill::prefetch_l2(row + d);
 }
 
 // scores[s] = scale * <query, key_s> for L keys found through slot_of, one key at a time: the few keys (or
 // the rows of a head size not a multiple of eight) that score_keys_heads leaves.
-void score_keys(const float* query, const float* keys, const int64_t* slot_of, int64_t L, int64_t stride,
-                int64_t D, float scale, float* scores) {
+template <typename T>
+void score_keys(const float* query, const T* keys, const int64_t* slot_of, int64_t L, int64_t stride, int64_t D,
+                float scale, float* scores) {
   for (int64_t s = 0; s < L; ++s) {
-    const float* key = keys + slot_of[s] * stride;
+    const T* key = keys + slot_of[s] * stride;
     __m256 acc = _mm256_setzero_ps();
     int64_t d = 0;
-    for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(query + d), _mm256_loadu_ps(key + d), acc);
+    for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(query + d), load8(key + d), acc);
     float total = sum8(acc);
-    for (; d < D; ++d) total += query[d] * key[d];
+    for (; d < D; ++d) total += query[d] * load1(key + d);
     scores[s] = total * scale;
   }
 }
@@ -77,35 +85,36 @@ Exps exp_shifted(float* row, int64_t L) {
 
 // out[d] = sum_s p[s] * value_s[d] for d0 <= d < D: the columns weigh_values_heads leaves (fewer than 32),
 // eight at a time while they last, the output staying in a register for the whole context.
-void weigh_values(const float* p, const float* values, const int64_t* slot_of, int64_t L, int64_t stride,
-                  int64_t D, float* out, int64_t d0) {
+template <typename T>
+void weigh_values(const float* p, const T* values, const int64_t* slot_of, int64_t L, int64_t stride, int64_t D,
+                  float* out, int64_t d0) {
   for (; d0 + 8 <= D; d0 += 8) {
     __m256 acc = _mm256_setzero_ps();
     for (int64_t s = 0; s < L; ++s) {
       if (s + kAheadKeys < L) prefetch_row(values + slot_of[s + kAheadKeys] * stride + d0, 8);
-      acc = _mm256_fmadd_ps(_mm256_set1_ps(p[s]), _mm256_loadu_ps(values + slot_of[s] * stride + d0), acc);
+      acc = _mm256_fmadd_ps(_mm256_set1_ps(p[s]), load8(values + slot_of[s] * stride + d0), acc);
     }
     _mm256_storeu_ps(out + d0, acc);
   }
   if (d0 == D) return;
   std::fill(out + d0, out + D, 0.f);
   for (int64_t s = 0; s < L; ++s) {
-    const float* value = values + slot_of[s] * stride;
-    for (int64_t d = d0; d < D; ++d) out[d] += p[s] * value[d];
+    const T* value = values + slot_of[s] * stride;
+    for (int64_t d = d0; d < D; ++d) out[d] += p[s] * load1(value + d);
   }
 }
 
 // The query heads that share a KV head (GQA) read the same keys and values: NG of them at once load each key
 // and value row once, where one head at a time loaded it NG times (those loads, not memory, bounded the
 // kernel at long contexts). scores[g][s] = scale * <query[g], key_s>; four keys x NG heads of accumulators.
-template <int NG>
-void score_keys_heads(const float* const* query, const float* keys, const int64_t* slot_of, int64_t L,
+template <int NG, typename T>
+void score_keys_heads(const float* const* query, const T* keys, const int64_t* slot_of, int64_t L,
                       int64_t stride, int64_t D, float scale, float* const* scores) {
   int64_t s = 0;
   if (D % 8 == 0) {
     for (; s + 4 <= L; s += 4) {
       __m256 acc[NG][4];
-      const float* key[4];
+      const T* key[4];
       for (int j = 0; j < 4; ++j) {
         key[j] = keys + slot_of[s + j] * stride;
         if (s + kAheadKeys + j < L) prefetch_row(keys + slot_of[s + kAheadKeys + j] * stride, D);
@@ -113,7 +122,7 @@ void score_keys_heads(const float* const* query, const float* keys, const int64_
       }
       for (int64_t d = 0; d < D; d += 8) {
         __m256 k[4];
-        for (int j = 0; j < 4; ++j) k[j] = _mm256_loadu_ps(key[j] + d);
+        for (int j = 0; j < 4; ++j) k[j] = load8(key[j] + d);
         for (int g = 0; g < NG; ++g) {
           const __m256 q = _mm256_loadu_ps(query[g] + d);
           for (int j = 0; j < 4; ++j) acc[g][j] = _mm256_fmadd_ps(q, k[j], acc[g][j]);
@@ -126,8 +135,8 @@ void score_keys_heads(const float* const* query, const float* keys, const int64_
 }
 
 // out[g][d] = sum_s p[g][s] * value_s[d] for NG heads, 32 columns at a time (NG x 4 accumulators).
-template <int NG>
-void weigh_values_heads(const float* const* p, const float* values, const int64_t* slot_of, int64_t L,
+template <int NG, typename T>
+void weigh_values_heads(const float* const* p, const T* values, const int64_t* slot_of, int64_t L,
                         int64_t stride, int64_t D, float* const* out) {
   int64_t d0 = 0;
   for (; d0 + 32 <= D; d0 += 32) {
@@ -135,10 +144,10 @@ void weigh_values_heads(const float* const* p, const float* values, const int64_
     for (int g = 0; g < NG; ++g)
       for (int c = 0; c < 4; ++c) acc[g][c] = _mm256_setzero_ps();
     for (int64_t s = 0; s < L; ++s) {
-      const float* value = values + slot_of[s] * stride + d0;
+      const T* value = values + slot_of[s] * stride + d0;
       if (s + kAheadKeys < L) prefetch_row(values + slot_of[s + kAheadKeys] * stride + d0, 32);
       __m256 v[4];
-      for (int c = 0; c < 4; ++c) v[c] = _mm256_loadu_ps(value + 8 * c);
+      for (int c = 0; c < 4; ++c) v[c] = load8(value + 8 * c);
       for (int g = 0; g < NG; ++g) {
         const __m256 weight = _mm256_set1_ps(p[g][s]);
         for (int c = 0; c < 4; ++c) acc[g][c] = _mm256_fmadd_ps(weight, v[c], acc[g][c]);
@@ -167,15 +176,17 @@ void in_head_groups(int64_t G, Run run) {
 
 namespace tokenmill {
 
-// q [B, Hq, D]; caches [slots, Hkv, D]; block_tables [B, W] (int64); lengths [B]: context length per row,
-// the current token included (its K/V are already in the cache). Returns [B, Hq, D].
+// q [B, Hq, D] fp32; caches [slots, Hkv, D], fp32 or fp16; block_tables [B, W] (int64); lengths [B]: context
+// length per row, the current token included (its K/V are already in the cache). Returns [B, Hq, D].
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& block_tables, const at::Tensor& lengths, int64_t block_size,
                                   double scale) {
   TORCH_CHECK(q.scalar_type() == at::kFloat && q.dim() == 3 && q.stride(2) == 1, "q must be fp32 [B, Hq, D]");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == at::kFloat &&
-                  v_cache.scalar_type() == at::kFloat && k_cache.sizes() == v_cache.sizes(),
-              "caches must be contiguous fp32 [slots, Hkv, D]");
+  const bool half = k_cache.scalar_type() == at::kHalf;
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  (half || k_cache.scalar_type() == at::kFloat) && v_cache.scalar_type() == k_cache.scalar_type() &&
+                  k_cache.sizes() == v_cache.sizes(),
+              "caches must be contiguous fp32 or fp16 [slots, Hkv, D], both alike");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.is_contiguous() &&
                   lengths.scalar_type() == at::kLong && lengths.is_contiguous(),
               "block_tables and lengths must be contiguous int64");
@@ -189,8 +200,6 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
     TORCH_CHECK(lens[b] >= 1 && lens[b] <= W * block_size, "context length outside the block table");
   at::Tensor out = at::empty({B, Hq, D}, q.options());
   const float* qp = q.data_ptr<float>();
-  const float* kp = k_cache.data_ptr<float>();
-  const float* vp = v_cache.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t q_row = q.stride(0), q_head = q.stride(1);
   const float factor = static_cast<float>(scale);
@@ -218,56 +227,65 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
     first = std::min(lens[b], part * size);
     last = std::min(lens[b], first + size);
   };
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
-    std::vector<int64_t> slot_of;
-    std::vector<const float*> queries(G);
-    std::vector<float*> rows(G), dests(G);
-    std::vector<Exps> exps(G);
-    int64_t b, h, first, last;
-    for (int64_t index = begin; index < end; ++index) {  // the first rows of every item, before any work
-      locate(index, b, h, first, last);
-      for (int64_t s = first; s < std::min(last, first + kAheadKeys); ++s) {
-        const int64_t row = (tables[b * W + s / block_size] * block_size + s % block_size) * Hkv + h;
-        if (row < 0 || row >= slots * Hkv) continue;  // refused below
-        prefetch_row(kp + row * D, D);
-        prefetch_row(vp + row * D, D);
-      }
-    }
-    for (int64_t index = begin; index < end; ++index) {
-      locate(index, b, h, first, last);
-      const int64_t L = last - first;
-      slot_of.resize(L);
-      for (int64_t s = 0; s < L; ++s) {
-        const int64_t block = tables[b * W + (first + s) / block_size];
-        slot_of[s] = block * block_size + (first + s) % block_size;
-        TORCH_CHECK(slot_of[s] >= 0 && slot_of[s] < slots, "block table points outside the cache");
-      }
-      scores.resize(G * L);
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t row = b * Hq + h * G + g;
-        queries[g] = qp + b * q_row + (h * G + g) * q_head;
-        rows[g] = scores.data() + g * L;
-        dests[g] = parts > 1 ? part_out.data() + (row * parts + index % parts) * D : op + row * D;
-      }
-      in_head_groups(G, [&](auto ng, int64_t g0) {
-        score_keys_heads<ng>(queries.data() + g0, kp + h * D, slot_of.data(), L, Hkv * D, D, factor,
-                             rows.data() + g0);
-      });
-      for (int64_t g = 0; g < G; ++g) exps[g] = exp_shifted(rows[g], L);
-      in_head_groups(G, [&](auto ng, int64_t g0) {
-        weigh_values_heads<ng>(rows.data() + g0, vp + h * D, slot_of.data(), L, Hkv * D, D, dests.data() + g0);
-      });
-      for (int64_t g = 0; g < G; ++g) {
-        if (parts > 1) {
-          part_exps[(b * Hq + h * G + g) * parts + index % parts] = exps[g];
-        } else {
-          const float inverse = 1.f / exps[g].total;
-          for (int64_t d = 0; d < D; ++d) dests[g][d] *= inverse;
+  // kp, vp: the caches as float or uint16_t (fp16 bits).
+  const auto attend = [&](const auto* kp, const auto* vp) {
+    at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores;
+      std::vector<int64_t> slot_of;
+      std::vector<const float*> queries(G);
+      std::vector<float*> rows(G), dests(G);
+      std::vector<Exps> exps(G);
+      int64_t b, h, first, last;
+      for (int64_t index = begin; index < end; ++index) {  // the first rows of every item, before any work
+        locate(index, b, h, first, last);
+        for (int64_t s = first; s < std::min(last, first + kAheadKeys); ++s) {
+          const int64_t row = (tables[b * W + s / block_size] * block_size + s % block_size) * Hkv + h;
+          if (row < 0 || row >= slots * Hkv) continue;  // refused below
+          prefetch_row(kp + row * D, D);
+          prefetch_row(vp + row * D, D);
         }
       }
-    }
-  });
+      for (int64_t index = begin; index < end; ++index) {
+        locate(index, b, h, first, last);
+        const int64_t L = last - first;
+        slot_of.resize(L);
+        for (int64_t s = 0; s < L; ++s) {
+          const int64_t block = tables[b * W + (first + s) / block_size];
+          slot_of[s] = block * block_size + (first + s) % block_size;
+          TORCH_CHECK(slot_of[s] >= 0 && slot_of[s] < slots, "block table points outside the cache");
+        }
+        scores.resize(G * L);
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t row = b * Hq + h * G + g;
+          queries[g] = qp + b * q_row + (h * G + g) * q_head;
+          rows[g] = scores.data() + g * L;
+          dests[g] = parts > 1 ? part_out.data() + (row * parts + index % parts) * D : op + row * D;
+        }
+        in_head_groups(G, [&](auto ng, int64_t g0) {
+          score_keys_heads<ng>(queries.data() + g0, kp + h * D, slot_of.data(), L, Hkv * D, D, factor,
+                               rows.data() + g0);
+        });
+        for (int64_t g = 0; g < G; ++g) exps[g] = exp_shifted(rows[g], L);
+        in_head_groups(G, [&](auto ng, int64_t g0) {
+          weigh_values_heads<ng>(rows.data() + g0, vp + h * D, slot_of.data(), L, Hkv * D, D, dests.data() + g0);
+        });
+        for (int64_t g = 0; g < G; ++g) {
+          if (parts > 1) {
+            part_exps[(b * Hq + h * G + g) * parts + index % parts] = exps[g];
+          } else {
+            const float inverse = 1.f / exps[g].total;
+            for (int64_t d = 0; d < D; ++d) dests[g][d] *= inverse;
+          }
+        }
+      }
+    });
+  };
+  if (half) {
+    attend(reinterpret_cast<const uint16_t*>(k_cache.data_ptr<at::Half>()),
+           reinterpret_cast<const uint16_t*>(v_cache.data_ptr<at::Half>()));
+  } else {
+    attend(k_cache.data_ptr<float>(), v_cache.data_ptr<float>());
+  }
   for (int64_t row = 0; row < B * Hq && parts > 1; ++row) {
     const Exps* exps = part_exps.data() + row * parts;
     float peak = -std::numeric_limits<float>::infinity();

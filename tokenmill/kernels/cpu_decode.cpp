@@ -5,6 +5,8 @@
 //
 // Built once per model (LlamaModel._decode_stack) holding references to its weights; used only for steps
 // where every row is a decode (the Python path keeps prefill, chunked prefill and the fallbacks).
+#include <immintrin.h>
+
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/linear.h>
 #include <c10/util/Exception.h>
@@ -63,8 +65,9 @@ class DecodeStack : public torch::CustomClassHolder {
                  at::Tensor final_norm, at::Tensor slot_copies) {
     const int64_t T = hidden.size(0), q_size = heads_ * head_dim_, kv_size = kv_heads_ * head_dim_;
     TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.is_contiguous() && kv_cache.size(0) == (int64_t)layers_.size() &&
-                    kv_cache.size(3) == kv_heads_ && kv_cache.size(4) == head_dim_,
-                "kv_cache must be contiguous [layers, 2, slots, Hkv, D]");
+                    kv_cache.size(3) == kv_heads_ && kv_cache.size(4) == head_dim_ &&
+                    (kv_cache.scalar_type() == at::kFloat || kv_cache.scalar_type() == at::kHalf),
+                "kv_cache must be contiguous fp32 or fp16 [layers, 2, slots, Hkv, D]");
     TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous() &&
                     slot_mapping.numel() == T,
                 "one int64 cache slot per row");
@@ -121,26 +124,41 @@ class DecodeStack : public torch::CustomClassHolder {
     return y;
   }
 
-  // The fresh K and V rows (columns q_size.. of the fused projection) into their cache slots.
+  // The fresh K and V rows (columns q_size.. of the fused projection) into their cache slots, rounded to
+  // fp16 (as torch's conversion: to nearest even) if the cache is.
   void write_cache(const at::Tensor& qkv, int64_t q_size, int64_t kv_size, const int64_t* slot, int64_t T,
                    at::Tensor& k_cache, at::Tensor& v_cache) const {
     const float* rows = qkv.data_ptr<float>();
     const int64_t stride = qkv.stride(0);
-    float* keys = k_cache.data_ptr<float>();
-    float* values = v_cache.data_ptr<float>();
     for (int64_t t = 0; t < T; ++t) {
-      std::memcpy(keys + slot[t] * kv_size, rows + t * stride + q_size, kv_size * sizeof(float));
-      std::memcpy(values + slot[t] * kv_size, rows + t * stride + q_size + kv_size, kv_size * sizeof(float));
+      const float* key = rows + t * stride + q_size;
+      const float* value = key + kv_size;
+      if (k_cache.scalar_type() == at::kHalf) {
+        to_half(key, k_cache.data_ptr<at::Half>() + slot[t] * kv_size, kv_size);
+        to_half(value, v_cache.data_ptr<at::Half>() + slot[t] * kv_size, kv_size);
+      } else {
+        std::memcpy(k_cache.data_ptr<float>() + slot[t] * kv_size, key, kv_size * sizeof(float));
+        std::memcpy(v_cache.data_ptr<float>() + slot[t] * kv_size, value, kv_size * sizeof(float));
+      }
     }
+  }
+
+  static void to_half(const float* in, at::Half* out, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                       _mm256_cvtps_ph(_mm256_loadu_ps(in + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    for (; i < n; ++i) out[i] = static_cast<at::Half>(in[i]);
   }
 
   void copy_slots(const int64_t* copy, int64_t copies, int64_t kv_size, at::Tensor& k_cache,
                   at::Tensor& v_cache) const {
-    float* keys = k_cache.data_ptr<float>();
-    float* values = v_cache.data_ptr<float>();
+    const int64_t bytes = kv_size * k_cache.element_size();
+    char* keys = static_cast<char*>(k_cache.data_ptr());
+    char* values = static_cast<char*>(v_cache.data_ptr());
     for (int64_t e = 0; e < copies; ++e) {
-      std::memcpy(keys + copy[2 * e + 1] * kv_size, keys + copy[2 * e] * kv_size, kv_size * sizeof(float));
-      std::memcpy(values + copy[2 * e + 1] * kv_size, values + copy[2 * e] * kv_size, kv_size * sizeof(float));
+      std::memcpy(keys + copy[2 * e + 1] * bytes, keys + copy[2 * e] * bytes, bytes);
+      std::memcpy(values + copy[2 * e + 1] * bytes, values + copy[2 * e] * bytes, bytes);
     }
   }
 

@@ -51,8 +51,8 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """q: [T, Hq, D]; k, v: [T, Hkv, D]; caches: [num_slots, Hkv, D]. Returns [T, Hq, D]."""
-    k_cache.index_copy_(0, ctx.slot_mapping, k)
-    v_cache.index_copy_(0, ctx.slot_mapping, v)
+    k_cache.index_copy_(0, ctx.slot_mapping, k.to(k_cache.dtype))  # rounded if the cache is narrower
+    v_cache.index_copy_(0, ctx.slot_mapping, v.to(v_cache.dtype))
     if ctx.slot_copies is not None:
         sources, targets = ctx.slot_copies[:, 0], ctx.slot_copies[:, 1]
         k_cache[targets] = k_cache[sources]
@@ -72,8 +72,10 @@ def paged_attention(
         b = ctx.num_decode
         shape = (b, -1, k_cache.shape[1], k_cache.shape[2])
         # index_select on the slot dim is several times faster than advanced indexing here.
-        keys = k_cache.index_select(0, ctx.decode_gather).view(shape).transpose(1, 2)  # [B, Hkv, S, D]
-        values = v_cache.index_select(0, ctx.decode_gather).view(shape).transpose(1, 2)
+        keys = (
+            k_cache.index_select(0, ctx.decode_gather).to(q.dtype).view(shape).transpose(1, 2)
+        )  # [B, Hkv, S, D]
+        values = v_cache.index_select(0, ctx.decode_gather).to(q.dtype).view(shape).transpose(1, 2)
         attended = F.scaled_dot_product_attention(
             q[:b].unsqueeze(2), keys, values, attn_mask=ctx.decode_bias, scale=scale, enable_gqa=True
         )
@@ -90,8 +92,8 @@ def paged_attention(
                 query, keys, values, is_causal=True, scale=scale, enable_gqa=True
             )
         else:
-            keys = k_cache.index_select(0, span.gather).transpose(0, 1)[None]  # [1, Hkv, C, D]
-            values = v_cache.index_select(0, span.gather).transpose(0, 1)[None]
+            keys = k_cache.index_select(0, span.gather).to(q.dtype).transpose(0, 1)[None]  # [1, Hkv, C, D]
+            values = v_cache.index_select(0, span.gather).to(q.dtype).transpose(0, 1)[None]
             attended = F.scaled_dot_product_attention(
                 query, keys, values, attn_mask=span.mask, scale=scale, enable_gqa=True
             )

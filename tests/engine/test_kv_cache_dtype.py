@@ -1,0 +1,45 @@
+"""A float16 KV cache: twice the tokens in the same memory, the same greedy text as float32 (real model)."""
+
+import pytest
+import torch
+
+from tests.conftest import assert_no_leak, make_engine, run_to_completion
+from tokenmill.errors import InvalidParameterError
+from tokenmill.sampling import SamplingParams
+
+PARAMS = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=0)
+
+
+def _generate(engine, prompts):
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, PARAMS)
+    done = run_to_completion(engine)
+    return [done[str(i)].outputs[0] for i in range(len(prompts))]
+
+
+def test_float16_cache_keeps_greedy_outputs_at_half_the_bytes(smollm_loaded):
+    tokenizer = smollm_loaded.tokenizer
+    texts = [
+        "The capital of France is",
+        "def fibonacci(n):\n    ",
+        # Long enough for two prefill chunks: the second reads the first one's K/V back from the cache.
+        "A short history of the printing press. " * 12,
+    ]
+    prompts = [tokenizer.encode(text) for text in texts]
+    options = dict(kv_cache_gib=0.05, max_num_batched_tokens=64)
+    full = make_engine(smollm_loaded, **options)
+    half = make_engine(smollm_loaded, kv_cache_dtype="float16", **options)
+    assert half.runner.kv_cache.dtype == torch.float16
+    assert half.block_manager.num_blocks // 2 == full.block_manager.num_blocks  # (floors of the same budget)
+    expected, got = _generate(full, prompts), _generate(half, prompts)
+    assert half.model._decode_stack.runs() > 0  # decode steps read the fp16 cache in the C++ stack
+    assert [o.token_ids for o in got] == [o.token_ids for o in expected]
+    for a, b in zip(got, expected, strict=True):
+        drift = max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs, strict=True))
+        assert drift < 0.05, drift
+    assert_no_leak(half)
+
+
+def test_unknown_kv_cache_dtype_is_refused(smollm_loaded):
+    with pytest.raises(InvalidParameterError, match="kv_cache_dtype"):
+        make_engine(smollm_loaded, kv_cache_dtype="int3")
