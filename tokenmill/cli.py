@@ -397,7 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
     quality = bench.add_parser("quality", help="perplexity and greedy agreement of fp32/int8/int4 weights")
     quality.add_argument("--model", default=None)
     quality.add_argument("--threads", type=int, default=None)
-    quality.add_argument("--formats", default="fp32,int8,int4", help="first one is the reference")
+    quality.add_argument(
+        "--formats",
+        default="fp32,int8,int4",
+        help="first one is the reference; a +kv16 suffix (e.g. int4+kv16) runs over a float16 KV cache",
+    )
     quality.add_argument("--group-size", type=int, default=32)
     quality.add_argument("--max-text-tokens", type=int, default=None, help="default: the whole text (~28k)")
     quality.add_argument("--num-prompts", type=int, default=50)

@@ -23,6 +23,7 @@ from tokenmill.models.loader import LoadedModel, load_model
 from tokenmill.sampling import SamplingParams
 
 FORMATS = ("fp32", "int8", "int4")
+KV16 = "+kv16"  # a format name's suffix: the same weights over a float16 KV cache
 
 
 def perplexity_text() -> str:
@@ -110,9 +111,13 @@ def run_quality(
     rows = {}
     reference_outputs = None
     for name in formats:
-        quantization = None if name == "fp32" else name
+        weights = name.removesuffix(KV16)
         config = EngineConfig(
-            model=model, num_threads=threads, quantization=quantization, quantization_group_size=group_size
+            model=model,
+            num_threads=threads,
+            quantization=None if weights == "fp32" else weights,
+            quantization_group_size=group_size,
+            kv_cache_dtype="float16" if name.endswith(KV16) else "auto",
         )
         engine = LLMEngine(config, loaded)
         started = time.perf_counter()
