@@ -297,10 +297,15 @@ def measure_format(engine, batches: tuple[int, ...], prompt_len: int, steps: int
     cfg = engine.model_config
     context = prompt_len + steps // 2 + 1
     measure_decode_steps(engine, (max(batches),), prompt_len, 2)  # warm-up: first-touch page faults, caches
+    # The bandwidth again, just before this format's steps: on a shared host it drifts (31.9-59 GB/s
+    # between probes of one session), and a bound taken minutes earlier would judge the steps by a
+    # neighbour's load rather than by our kernels.
+    read_gbs, _ = measure_bandwidth(engine.config.resolved_threads())
     return {
         "format": engine.config.quantization or "fp32",
         "weight_bytes": engine.model.weight_bytes,
         "context": context,
+        "read_gbs": read_gbs,
         "measured": measure_decode_steps(engine, batches, prompt_len, steps),
         "linears": measure_linears(engine.model, batches),
         "attention": measure_attention(cfg, batches, context, engine.config.block_size),
@@ -318,7 +323,8 @@ def decode_rows(cfg: ModelConfig, machine: MachineLimits, formats: list[dict], d
     for f in formats:
         bytes_per_param = f["weight_bytes"] / params
         for batch, measured in f["measured"].items():
-            bound = predict_decode_step(cfg, batch, f["context"], machine.read_gbs, peak, bytes_per_param)
+            read_gbs = f.get("read_gbs", machine.read_gbs)
+            bound = predict_decode_step(cfg, batch, f["context"], read_gbs, peak, bytes_per_param)
             linear, attention = f["linears"][batch], f["attention"][batch]
             modelled = linear + attention + dispatch[batch]
             rows.append(
@@ -344,7 +350,8 @@ def decode_rows(cfg: ModelConfig, machine: MachineLimits, formats: list[dict], d
                     "weight_mb": bound.weight_bytes / 1e6,
                     "kv_mb": bound.kv_bytes / 1e6,
                     "gflop": bound.flops / 1e9,
-                    "crossover_batch": crossover_batch(peak, machine.read_gbs, bytes_per_param),
+                    "read_gbs": read_gbs,
+                    "crossover_batch": crossover_batch(peak, read_gbs, bytes_per_param),
                 }
             )
     return rows
@@ -420,12 +427,14 @@ def markdown_report(result: dict) -> str:
         f"MKL fp32 matmul GFLOP/s (cache-warm) {flops}.",
         "",
         "Roofline = max(bytes / read bandwidth, FLOPs / peak FLOP/s), peak = the best of MKL and our "
-        "kernels. Model = the engine's matmuls (measured over the real weights) + decode attention + "
-        "per-op dispatch (the same step on a model with tiny widths).",
+        "kernels, bandwidth probed again just before each format's steps (read GB/s). Model = the engine's "
+        "matmuls (measured over the real weights) + decode attention + per-op dispatch (the same step on a "
+        "model with tiny widths).",
         "",
         "| format | batch | measured ms | tok/s | memory ms | compute ms | roofline ms | achieved | "
-        "matmul ms | kernel GB/s | kernel GFLOP/s | attention ms | dispatch ms | modelled ms | model error |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "matmul ms | kernel GB/s | kernel GFLOP/s | attention ms | dispatch ms | modelled ms | model error | "
+        "read GB/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
@@ -433,7 +442,7 @@ def markdown_report(result: dict) -> str:
             f"{r['memory_ms']:.1f} | {r['compute_ms_at_peak']:.1f} | {r['roofline_ms']:.1f} | "
             f"{r['achieved_pct_of_roofline']:.0f}% | {r['linear_ms']:.1f} | {r['kernel_gbs']:.1f} | "
             f"{r['kernel_gflops']:.0f} | {r['attention_ms']:.1f} | {r['dispatch_overhead_ms']:.1f} | "
-            f"{r['modelled_ms']:.1f} | {r['model_error_pct']:+.0f}% |"
+            f"{r['modelled_ms']:.1f} | {r['model_error_pct']:+.0f}% | {r['read_gbs']:.1f} |"
         )
     crossovers = {r["format"]: r["crossover_batch"] for r in result["rows"]}
     lines += [
