@@ -6,17 +6,17 @@
 // Weights still ahead are prefetched into L2 (tokenmill::prefetch_l2).
 //
 // Shape of the work, by the number of input rows M:
-// - Few rows (decode of one or a few sequences; up to kInt8DirectMaxRows / kInt4DirectMaxRows): memory-bound.
-//   Integer dot products along K, four output rows and two input rows at a time, scales applied to the
-//   integer sums: int8 weights widen to int16 in registers and meet activations rounded to int16 (one scale
-//   per row) in vpmaddwd; int4 nibbles meet activations rounded to int8 (one scale per 32) in vpmaddubsw.
-//   fp32 weights run the same shape of dot products with FMAs.
-// - Many rows (a batched decode step): compute-bound, so the FMA units set the pace and every output must
-//   stay in a register for the whole of K. Output rows go sixteen at a time, stored K-major ([k][16], two
-//   vectors per k) in slices of K small enough to stay in L1 between packing and use; each block of up to six
-//   input rows then runs a 6x16 outer-product tile: per k two weight loads, one broadcast per row, twelve
-//   FMAs, and no horizontal sums. Packing costs a transpose per weight, which only pays once enough rows
-//   share it: the crossover is per format (kFp32OuterMinRows and the like).
+// - One or two rows (decode of one or two sequences; up to kInt8DirectMaxRows / kInt4DirectMaxRows):
+//   memory-bound. Integer dot products along K, four output rows and two input rows at a time, scales applied
+//   to the integer sums: int8 weights widen to int16 in registers and meet activations rounded to int16 (one
+//   scale per row) in vpmaddwd; int4 nibbles meet activations rounded to int8 (one scale per 32) in
+//   vpmaddubsw. fp32 weights run the same shape of dot products with FMAs (up to kFp32OuterMinRows).
+// - More rows: compute-bound, so the multiply units set the pace and every output must stay in a register
+//   for the whole of K. fp32: output rows go sixteen at a time, stored K-major ([k][16], two vectors per k)
+//   in slices of K small enough to stay in L1 between packing and use; each block of up to six input rows
+//   then runs a 6x16 outer-product tile: per k two weight loads, one broadcast per row, twelve FMAs, and no
+//   horizontal sums. int8 and int4: integer tiles on panels of eight output rows repacked as they go (see
+//   int4_tile and int8_tile), the same activation rounding as the direct kernels.
 #include <immintrin.h>
 
 #include <ATen/Parallel.h>
@@ -335,11 +335,11 @@ inline void int4_direct(const uint8_t* packed, const float* scales, const float*
 }
 
 // Up to this many input rows the direct kernels run (two input rows per pass, the 4-row weight panel re-read
-// from L1). int8: up to the outer-product crossover, at 3-24 rows 15-40% faster than decoding each panel to
-// fp32 once for dot products over it; layers/linear.py mirrors the bound (the fallback rounds activations the
-// same way). int4: up to its integer tiles' crossover (SmolLM2's 120 matmuls, two threads: 8 rows 10.4 ms
-// direct vs 11.1 tiled, 12 rows 14.9 vs 13.7).
-constexpr int64_t kInt8DirectMaxRows = 31, kInt4DirectMaxRows = 10;
+// from L1); from the next row on, the integer tiles below (activations rounded the same way, so the integer
+// sums are the same). SmolLM2's 120 matmuls, two threads, direct vs tiles: int4 1 row 2.8 vs 3.9 ms, 2 rows
+// 3.8 vs 4.1, 3 rows 5.0 vs 4.7, 8 rows 10.4 vs 7.2; int8 2 rows 4.6 vs 5.3, 3 rows 6.3 vs 5.9, 8 rows
+// 11.6 vs 9.4.
+constexpr int64_t kInt8DirectMaxRows = 2, kInt4DirectMaxRows = 2;
 
 constexpr int64_t kPanel = 16;  // output rows per panel of the outer-product path: two vectors
 constexpr int64_t kTileRows = 6;  // input rows per tile: 12 accumulators + 2 weights + 1 broadcast registers
@@ -545,6 +545,15 @@ inline void pack_int4_panel(const uint8_t* packed, const float* scales, const fl
                             int64_t K, int64_t width, uint8_t* weights, float* factors) {
   const int64_t groups = K / group;
   for (int64_t b = 0; b < K / 32; ++b) {
+    if (b % 4 == 0) {  // the next panel's rows, 64 bytes (four blocks) at a time: weights stream from memory
+      UNROLL for (int n = 0; n < kInt4Panel; ++n) prefetch_l2(packed + (n + kInt4Panel) * (K / 2) + 16 * b);
+    }
+    if (b % 16 == 0) {
+      UNROLL for (int n = 0; n < kInt4Panel; ++n) {
+        prefetch_l2(scales + (n + kInt4Panel) * groups + b * 32 / group);
+        prefetch_l2(mins + (n + kInt4Panel) * groups + b * 32 / group);
+      }
+    }
     __m128i r[kInt4Panel];
     UNROLL for (int n = 0; n < kInt4Panel; ++n)
       r[n] = n < width ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + n * (K / 2) + 16 * b))
@@ -654,6 +663,9 @@ constexpr int64_t kInt16TileChunk = 512;
 // zero): widened sixteen values at a time, then a transpose of 4-byte words (the pairs).
 inline void pack_int8_panel(const int8_t* q, int64_t K, int64_t width, int16_t* out) {
   for (int64_t k = 0; k < K; k += 16) {
+    if (k % 64 == 0) {  // the next panel's rows: weights stream from memory
+      UNROLL for (int n = 0; n < kInt4Panel; ++n) prefetch_l2(q + (n + kInt4Panel) * K + k);
+    }
     __m256 r[kInt4Panel];
     UNROLL for (int n = 0; n < kInt4Panel; ++n)
       r[n] = n < width ? _mm256_castsi256_ps(_mm256_cvtepi8_epi16(
