@@ -297,16 +297,19 @@ def measure_format(engine, batches: tuple[int, ...], prompt_len: int, steps: int
     cfg = engine.model_config
     context = prompt_len + steps // 2 + 1
     measure_decode_steps(engine, (max(batches),), prompt_len, 2)  # warm-up: first-touch page faults, caches
-    # The bandwidth again, just before this format's steps: on a shared host it drifts (31.9-59 GB/s
-    # between probes of one session), and a bound taken minutes earlier would judge the steps by a
-    # neighbour's load rather than by our kernels.
-    read_gbs, _ = measure_bandwidth(engine.config.resolved_threads())
+    # The bandwidth again, around this format's steps: on a shared host it drifts (probes of one session
+    # read 31.9-59 GB/s), and a bound taken minutes earlier would judge the steps by a neighbour's load
+    # rather than by our kernels. The median of three probes (one before, two after) drops a lone spike.
+    threads = engine.config.resolved_threads()
+    probes = [measure_bandwidth(threads)[0]]
+    measured = measure_decode_steps(engine, batches, prompt_len, steps)
+    probes += [measure_bandwidth(threads)[0] for _ in range(2)]
     return {
         "format": engine.config.quantization or "fp32",
         "weight_bytes": engine.model.weight_bytes,
         "context": context,
-        "read_gbs": read_gbs,
-        "measured": measure_decode_steps(engine, batches, prompt_len, steps),
+        "read_gbs": sorted(probes)[1],
+        "measured": measured,
         "linears": measure_linears(engine.model, batches),
         "attention": measure_attention(cfg, batches, context, engine.config.block_size),
     }
@@ -427,7 +430,7 @@ def markdown_report(result: dict) -> str:
         f"MKL fp32 matmul GFLOP/s (cache-warm) {flops}.",
         "",
         "Roofline = max(bytes / read bandwidth, FLOPs / peak FLOP/s), peak = the best of MKL and our "
-        "kernels, bandwidth probed again just before each format's steps (read GB/s). Model = the engine's "
+        "kernels, bandwidth probed again around each format's steps (read GB/s). Model = the engine's "
         "matmuls (measured over the real weights) + decode attention + per-op dispatch (the same step on a "
         "model with tiny widths).",
         "",
