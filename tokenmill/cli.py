@@ -214,7 +214,6 @@ def cmd_bench_offline(args: argparse.Namespace) -> int:
         batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",") if b),
         quantizations=tuple(q for q in args.quantization.split(",") if q) or ("none",),
         llamacpp_weights=tuple(w for w in args.llamacpp_weights.split(",") if w) or ("native",),
-        kv_cache_dtype=args.kv_cache_dtype,
     )
     print(markdown_table(results))
     print(f"wrote {Path(args.out_dir) / 'offline.json'}, offline.md, offline.png")
@@ -365,18 +364,14 @@ def build_parser() -> argparse.ArgumentParser:
     offline.add_argument("--workloads", default="random", help="comma list of random, shared-prefix, chat")
     offline.add_argument("--speculative", default=None, help="run tokenmill with e.g. ngram:k=4")
     offline.add_argument(
-        "--quantization", default="none", help="tokenmill weight formats, comma list of none, int8, int4"
+        "--quantization",
+        default="none",
+        help="tokenmill weight formats, comma list of none, int8, int4 (+kv16: over a float16 KV cache)",
     )
     offline.add_argument(
         "--llamacpp-weights",
         default="native",
         help="llama.cpp GGUF weights: native (as shipped) and/or re-encoded f32, f16, q8_0, q4_0, q4_1",
-    )
-    offline.add_argument(
-        "--kv-cache-dtype",
-        default="auto",
-        choices=["auto", "float32", "float16"],
-        help="tokenmill's KV cache",
     )
     offline.add_argument("--out-dir", default="results")
     offline.set_defaults(func=cmd_bench_offline)

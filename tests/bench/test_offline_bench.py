@@ -37,24 +37,24 @@ def test_offline_bench_runs_tokenmill_and_hf_side_by_side_and_writes_json_md_png
         "--threads",
         "1",
         "--quantization",
-        "none,int8",
+        "none,int8+kv16",
     )
     assert result.returncode == 0, result.stderr
     rows = json.loads((tmp_path / "offline.json").read_text())
     by_system = {(r["system"], r["scenario"].split(":")[0]): r for r in rows}
     for workload in ("random", "shared-prefix", "chat"):
-        for system in ("tokenmill fp32", "tokenmill int8", "hf-transformers"):
+        for system in ("tokenmill fp32", "tokenmill int8 (KV fp16)", "hf-transformers"):
             assert by_system[(system, workload)]["output_tokens"] == 32, (system, workload)
     assert by_system[("tokenmill fp32", "random")]["scenario"] == "random: 4 x 16 in / 8 out"
     assert by_system[("tokenmill fp32", "shared-prefix")]["scenario"] == "shared-prefix: 4 x 48 in / 8 out"
     # The host-overhead split: every step phase is timed, the model's share named in the note.
-    phases = by_system[("tokenmill int8", "random")]["extra"]["phases"]
+    phases = by_system[("tokenmill int8 (KV fp16)", "random")]["extra"]["phases"]
     assert {"schedule", "prepare", "model", "sample", "postprocess"} <= set(phases)
-    assert "host overhead" in by_system[("tokenmill int8", "random")]["note"]
+    assert "host overhead" in by_system[("tokenmill int8 (KV fp16)", "random")]["note"]
     # llama.cpp cannot run a safetensors folder: reported with the reason, not silently left out.
     llamacpp = [r for r in rows if r["system"].startswith("llama.cpp")]
     assert llamacpp and llamacpp[0]["note"].startswith("could not run")
-    assert "| tokenmill int8 |" in (tmp_path / "offline.md").read_text()
+    assert "| tokenmill int8 (KV fp16) |" in (tmp_path / "offline.md").read_text()
     vllm = [r for r in rows if r["system"].startswith("vLLM")]
     assert len(vllm) == 1 and "installing is disabled" in vllm[0]["note"]
     assert (tmp_path / "offline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from tokenmill.bench.quality import KV16
 from tokenmill.bench.workloads import chat_prompts, random_token_prompts, shared_prefix_prompts
 from tokenmill.config import EngineConfig
 from tokenmill.engine.engine import LLMEngine
@@ -145,16 +146,17 @@ def _tokenmill_results(
     batch_sizes: tuple[int, ...],
     out_dir: Path | None,
     quantization: str,
-    kv_cache_dtype: str = "auto",
 ) -> tuple[dict[str, list[list[int]]], list[int], list[BenchResult]]:
-    """tokenmill in one weight format: single-stream decode, then each workload (and the batch sweep)."""
+    """tokenmill in one weight format (a +kv16 suffix: over a float16 KV cache): single-stream decode, then
+    each workload (and the batch sweep)."""
+    weights = quantization.removesuffix(KV16)
     config = EngineConfig(
         model=model,
         num_threads=threads,
         max_num_seqs=max(64, num_prompts, *batch_sizes),
         speculative=speculative,
-        quantization=None if quantization in ("none", "fp32") else quantization,
-        kv_cache_dtype=kv_cache_dtype,
+        quantization=None if weights in ("none", "fp32") else weights,
+        kv_cache_dtype="float16" if quantization.endswith(KV16) else "auto",
     )
     llm = LLM(config=config)
     sets = build_workloads(
@@ -170,8 +172,9 @@ def _tokenmill_results(
         sweep = roofline_for_engine(llm.engine, batch_sizes, input_len)
         if out_dir is not None:
             write_report(sweep, out_dir, "offline_sweep")
-    label = "fp32" if quantization in ("none", "fp32") else quantization
-    label += " (KV fp16)" if kv_cache_dtype == "float16" else ""
+    label = ("fp32" if weights in ("none", "fp32") else weights) + (
+        " (KV fp16)" if weights != quantization else ""
+    )
     for result in results:
         result.system = f"tokenmill {label}" + (f" (speculative {speculative})" if speculative else "")
     del llm
@@ -195,16 +198,15 @@ def run_offline(
     batch_sizes: tuple[int, ...] = (),
     quantizations: tuple[str, ...] = ("none",),
     llamacpp_weights: tuple[str, ...] = ("native",),
-    kv_cache_dtype: str = "auto",
 ) -> list[BenchResult]:
     """Each workload through tokenmill, then through each peer; single-stream decode once per system.
 
     `vllm_venv` is where the vLLM peer lives (default ~/.cache/tokenmill/vllm-venv); with `vllm_install`
     False a missing vLLM is reported instead of installed. `batch_sizes` adds tokenmill's decode step time
     at each batch size against the roofline bound (offline_sweep.json/.md/.png). `quantizations` runs
-    tokenmill once per weight format (none = fp32, int8, int4); `llamacpp_weights` runs llama.cpp on the
-    GGUF as shipped ("native") and re-encoded (f32, q8_0, q4_0, ...) by bench/gguf_convert.py;
-    `kv_cache_dtype` is tokenmill's KV cache format (EngineConfig)."""
+    tokenmill once per weight format (none = fp32, int8, int4; int4+kv16 and the like over a float16 KV
+    cache); `llamacpp_weights` runs llama.cpp on the
+    GGUF as shipped ("native") and re-encoded (f32, q8_0, q4_0, ...) by bench/gguf_convert.py."""
     results: list[BenchResult] = []
     sets: dict[str, list[list[int]]] = {}
     for index, quantization in enumerate(quantizations):
@@ -220,7 +222,6 @@ def run_offline(
             batch_sizes if index == 0 else (),
             out_dir,
             quantization,
-            kv_cache_dtype,
         )
         results.extend(runs)
     if "hf" in peers:
