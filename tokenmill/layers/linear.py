@@ -2,11 +2,11 @@
 
 - DenseLinear: fp32 weights. Batches up to 256 rows go through our AVX2 kernel, which streams the weights
   at close to memory bandwidth and matches MKL up to 256 rows; MKL takes larger prefill chunks.
-- Int8Linear / Int4Linear: quantised weights, 4x and ~6x fewer bytes per decode step. The kernels round
-  activations where the products run on integer units: int8 weights meet int16 activations for a few rows
-  (decode of a small batch; one scale per row, 2^-16 of the row's peak); int4 weights meet activations
-  rounded to int8 in groups of 32 (llama.cpp's Q8 blocks), at every row count, so that a sequence's tokens
-  do not depend on its neighbours in the batch. The perplexity bounds hold. fbgemm's dynamic int8 (int8
+- Int8Linear / Int4Linear: quantised weights, 4x and ~6x fewer bytes per decode step. The products run on
+  integer units, so the kernels round activations: int8 weights meet int16 activations (one scale per row,
+  2^-16 of the row's peak), int4 weights meet activations rounded to int8 in groups of 32 (llama.cpp's Q8
+  blocks), at every row count, so that a sequence's tokens do not depend on its neighbours in the batch.
+  The perplexity bounds hold. fbgemm's dynamic int8 (int8
   activations, one scale per tensor) was measured on SmolLM2 and rejected: +41% NLL on a 1k-token text,
   mostly from down_proj.
 Without the compiled kernels (see tokenmill.kernels) the quantised layers dequantise, round activations as
