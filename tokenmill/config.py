@@ -49,7 +49,7 @@ class EngineConfig:
     model: str | None = None
     dtype: str = "float32"
     # What the KV cache stores: "auto" (as dtype), "float32" or "float16" (half the bytes per token: twice
-    # the context in the same memory, and decode attention, which reads it all every step, twice as fast).
+    # the context in the same memory, and half the bytes for decode attention, which reads it every step).
     kv_cache_dtype: str = "auto"
     block_size: int = 16
     num_kv_blocks: int | None = None

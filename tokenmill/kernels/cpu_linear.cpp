@@ -341,12 +341,12 @@ inline void int4_direct(const uint8_t* packed, const float* scales, const float*
 // 11.6 vs 9.4.
 constexpr int64_t kInt8DirectMaxRows = 2, kInt4DirectMaxRows = 2;
 
-constexpr int64_t kPanel = 16;  // output rows per panel of the outer-product path: two vectors
+constexpr int64_t kPanel = 16;  // output rows per panel of fp32's outer-product path: two vectors
 constexpr int64_t kTileRows = 6;  // input rows per tile: 12 accumulators + 2 weights + 1 broadcast registers
 constexpr int64_t kSlice = 256;  // K per packed slice
 // From this many input rows on the outer-product tiles beat fp32's dot-product tiles (measured on 576-3072 x
 // 576-1536 weights): below, packing (a transpose straight from memory) costs more than the horizontal sums it
-// saves. int8 and int4 go to the tiles straight after their direct kernels' last row.
+// saves.
 constexpr int64_t kFp32OuterMinRows = 48;
 
 // r[j] lane i <- r[i] lane j.
@@ -369,10 +369,9 @@ inline void transpose8(__m256* r) {
 }
 
 // Fills buf[(k - k0) * kPanel + j] with weight k of panel row j, k0 <= k < k1. load8(j, k) gives row j's
-// weights k..k+7 (rows at or past `width` read as zero); finish(v, half, k) then sees weight k of rows
-// 8 * half .. 8 * half + 7.
-template <bool kFull, typename Load8, typename Finish>
-inline void pack_panel(Load8 load8, Finish finish, int64_t width, int64_t k0, int64_t k1, float* buf) {
+// weights k..k+7 (rows at or past `width` read as zero).
+template <bool kFull, typename Load8>
+inline void pack_panel(Load8 load8, int64_t width, int64_t k0, int64_t k1, float* buf) {
   for (int64_t k = k0; k < k1; k += 8) {
     UNROLL for (int half = 0; half < 2; ++half) {
       __m256 r[8];
@@ -382,15 +381,15 @@ inline void pack_panel(Load8 load8, Finish finish, int64_t width, int64_t k0, in
       }
       transpose8(r);
       float* out = buf + (k - k0) * kPanel + half * 8;
-      UNROLL for (int j = 0; j < 8; ++j) _mm256_store_ps(out + j * kPanel, finish(r[j], half, k + j));
+      UNROLL for (int j = 0; j < 8; ++j) _mm256_store_ps(out + j * kPanel, r[j]);
     }
   }
 }
 
-template <typename Load8, typename Finish>
-inline void pack(Load8 load8, Finish finish, int64_t width, int64_t k0, int64_t k1, float* buf) {
-  if (width == kPanel) pack_panel<true>(load8, finish, width, k0, k1, buf);
-  else pack_panel<false>(load8, finish, width, k0, k1, buf);
+template <typename Load8>
+inline void pack(Load8 load8, int64_t width, int64_t k0, int64_t k1, float* buf) {
+  if (width == kPanel) pack_panel<true>(load8, width, k0, k1, buf);
+  else pack_panel<false>(load8, width, k0, k1, buf);
 }
 
 // MB input rows (stride K) times the panel's 16 outputs over `steps` values of k; adds to y if `accumulate`.
@@ -453,27 +452,23 @@ inline void run_outer_tiles(const float* buf, const float* x, int64_t M, int64_t
 }
 
 // Panels are independent, so threads split them. K goes in slices of kSlice so that a packed slice (16 KB)
-// is still in L1 when the tiles read it; each slice adds to y. pack_rows(n0, width, k0, k1, buf, scratch)
-// packs rows n0 .. n0 + width - 1, weights k0 .. k1 - 1; `scratch` floats per thread are the format's.
+// is still in L1 when the tiles read it; each slice adds to y. pack_rows(n0, width, k0, k1, buf) packs
+// rows n0 .. n0 + width - 1, weights k0 .. k1 - 1.
 template <typename PackRows>
-void tiled_linear(const float* x, int64_t M, int64_t N, int64_t K, float* y, int64_t scratch,
-                  PackRows pack_rows) {
+void tiled_linear(const float* x, int64_t M, int64_t N, int64_t K, float* y, PackRows pack_rows) {
   at::parallel_for(0, (N + kPanel - 1) / kPanel, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> storage(kPanel * kSlice + 16);
     float* buf = storage.data() + (-reinterpret_cast<uintptr_t>(storage.data()) / sizeof(float)) % 16;
-    std::vector<float> extra(scratch);
     for (int64_t p = begin; p < end; ++p) {
       const int64_t n0 = p * kPanel, width = std::min(kPanel, N - n0);
       for (int64_t k0 = 0; k0 < K; k0 += kSlice) {
         const int64_t k1 = std::min(K, k0 + kSlice);
-        pack_rows(n0, width, k0, k1, buf, extra.data());
+        pack_rows(n0, width, k0, k1, buf);
         run_outer_tiles(buf, x + k0, M, K, k1 - k0, y + n0, N, width, k0 > 0);
       }
     }
   });
 }
-
-const auto no_finish = [](__m256 v, int, int64_t) { return v; };
 
 at::Tensor check_input(const at::Tensor& x, int64_t K) {
   TORCH_CHECK(x.scalar_type() == at::kFloat, "x must be float32");
@@ -805,16 +800,16 @@ at::Tensor fp32_linear(const at::Tensor& x_in, const at::Tensor& weight) {
     });
     return y;
   }
-  const auto pack_rows = [&](int64_t n0, int64_t width, int64_t k0, int64_t k1, float* buf, float*) {
+  const auto pack_rows = [&](int64_t n0, int64_t width, int64_t k0, int64_t k1, float* buf) {
     const float* rows = wp + n0 * K;
     const auto load8 = [&](int64_t j, int64_t k) {
       const float* row = rows + j * K + k;
       if (k % 16 == 0) prefetch_l2(row + kPanel * K);
       return _mm256_loadu_ps(row);
     };
-    pack(load8, no_finish, width, k0, k1, buf);
+    pack(load8, width, k0, k1, buf);
   };
-  tiled_linear(xp, M, N, K, yp, 0, pack_rows);
+  tiled_linear(xp, M, N, K, yp, pack_rows);
   return y;
 }
 
