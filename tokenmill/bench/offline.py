@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from tokenmill.bench.quality import KV16
+from tokenmill.bench.quality import format_options
 from tokenmill.bench.workloads import chat_prompts, random_token_prompts, shared_prefix_prompts
 from tokenmill.config import EngineConfig
 from tokenmill.engine.engine import LLMEngine
@@ -149,14 +149,13 @@ def _tokenmill_results(
 ) -> tuple[dict[str, list[list[int]]], list[int], list[BenchResult]]:
     """tokenmill in one weight format (a +kv16 suffix: over a float16 KV cache): single-stream decode, then
     each workload (and the batch sweep)."""
-    weights = quantization.removesuffix(KV16)
+    options = format_options(quantization)
     config = EngineConfig(
         model=model,
         num_threads=threads,
         max_num_seqs=max(64, num_prompts, *batch_sizes),
         speculative=speculative,
-        quantization=None if weights in ("none", "fp32") else weights,
-        kv_cache_dtype="float16" if quantization.endswith(KV16) else "auto",
+        **options,
     )
     llm = LLM(config=config)
     sets = build_workloads(
@@ -172,8 +171,8 @@ def _tokenmill_results(
         sweep = roofline_for_engine(llm.engine, batch_sizes, input_len)
         if out_dir is not None:
             write_report(sweep, out_dir, "offline_sweep")
-    label = ("fp32" if weights in ("none", "fp32") else weights) + (
-        " (KV fp16)" if weights != quantization else ""
+    label = (options["quantization"] or "fp32") + (
+        " (KV fp16)" if options["kv_cache_dtype"] == "float16" else ""
     )
     for result in results:
         result.system = f"tokenmill {label}" + (f" (speculative {speculative})" if speculative else "")

@@ -26,6 +26,15 @@ FORMATS = ("fp32", "int8", "int4")
 KV16 = "+kv16"  # a format name's suffix: the same weights over a float16 KV cache
 
 
+def format_options(name: str) -> dict:
+    """EngineConfig options of a format name: fp32 (or none), int8, int4, each optionally with KV16."""
+    weights = name.removesuffix(KV16)
+    return {
+        "quantization": None if weights in ("none", "fp32") else weights,
+        "kv_cache_dtype": "float16" if name.endswith(KV16) else "auto",
+    }
+
+
 def perplexity_text() -> str:
     """~28k SmolLM2 tokens of English technical prose (the Python Language Reference), shipped with us."""
     text = resources.files("tokenmill.bench").joinpath("data/perplexity.txt").read_text()
@@ -111,13 +120,8 @@ def run_quality(
     rows = {}
     reference_outputs = None
     for name in formats:
-        weights = name.removesuffix(KV16)
         config = EngineConfig(
-            model=model,
-            num_threads=threads,
-            quantization=None if weights == "fp32" else weights,
-            quantization_group_size=group_size,
-            kv_cache_dtype="float16" if name.endswith(KV16) else "auto",
+            model=model, num_threads=threads, quantization_group_size=group_size, **format_options(name)
         )
         engine = LLMEngine(config, loaded)
         started = time.perf_counter()

@@ -326,7 +326,7 @@ def decode_rows(cfg: ModelConfig, machine: MachineLimits, formats: list[dict], d
     for f in formats:
         bytes_per_param = f["weight_bytes"] / params
         for batch, measured in f["measured"].items():
-            read_gbs = f.get("read_gbs", machine.read_gbs)
+            read_gbs = f["read_gbs"]
             bound = predict_decode_step(cfg, batch, f["context"], read_gbs, peak, bytes_per_param)
             linear, attention = f["linears"][batch], f["attention"][batch]
             modelled = linear + attention + dispatch[batch]
