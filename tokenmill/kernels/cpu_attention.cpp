@@ -62,18 +62,27 @@ void score_keys(const float* query, const T* keys, const int64_t* slot_of, int64
   }
 }
 
+// The largest of eight lanes.
+inline float max8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
 // row[0..L) <- exp(row - max(row)), eight lanes at a time; returns the max and the sum of the new row (the
 // normalisation waits for the output: D divisions instead of L, and parts of one context merge by these two).
 struct Exps {
   float peak, total;
 };
 Exps exp_shifted(float* row, int64_t L) {
-  float peak = -std::numeric_limits<float>::infinity();
-  for (int64_t s = 0; s < L; ++s) peak = std::max(peak, row[s]);
+  __m256 peaks = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t s = 0;
+  for (; s + 8 <= L; s += 8) peaks = _mm256_max_ps(peaks, _mm256_loadu_ps(row + s));
+  float peak = max8(peaks);
+  for (; s < L; ++s) peak = std::max(peak, row[s]);
   const __m256 shift = _mm256_set1_ps(peak);
   __m256 acc = _mm256_setzero_ps();
-  int64_t s = 0;
-  for (; s + 8 <= L; s += 8) {
+  for (s = 0; s + 8 <= L; s += 8) {
     const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(row + s), shift));
     _mm256_storeu_ps(row + s, e);
     acc = _mm256_add_ps(acc, e);
@@ -106,7 +115,9 @@ void weigh_values(const float* p, const T* values, const int64_t* slot_of, int64
 
 // The query heads that share a KV head (GQA) read the same keys and values: NG of them at once load each key
 // and value row once, where one head at a time loaded it NG times (those loads, not memory, bounded the
-// kernel at long contexts). scores[g][s] = scale * <query[g], key_s>; four keys x NG heads of accumulators.
+// kernel at long contexts). scores[g][s] = scale * <query[g], key_s>; four keys x NG heads of accumulators
+// and the four keys' vectors: sixteen registers at NG = 3, the queries coming in as the FMAs' memory operands
+// (one more register spilled accumulators to the stack on every FMA: 2.5x slower at context 1,500).
 template <int NG, typename T>
 void score_keys_heads(const float* const* query, const T* keys, const int64_t* slot_of, int64_t L,
                       int64_t stride, int64_t D, float scale, float* const* scores) {
@@ -115,46 +126,48 @@ void score_keys_heads(const float* const* query, const T* keys, const int64_t* s
     for (; s + 4 <= L; s += 4) {
       __m256 acc[NG][4];
       const T* key[4];
-      for (int j = 0; j < 4; ++j) {
+      UNROLL4 for (int j = 0; j < 4; ++j) {
         key[j] = keys + slot_of[s + j] * stride;
         if (s + kAheadKeys + j < L) prefetch_row(keys + slot_of[s + kAheadKeys + j] * stride, D);
-        for (int g = 0; g < NG; ++g) acc[g][j] = _mm256_setzero_ps();
+        UNROLL4 for (int g = 0; g < NG; ++g) acc[g][j] = _mm256_setzero_ps();
       }
       for (int64_t d = 0; d < D; d += 8) {
-        __m256 k[4];
-        for (int j = 0; j < 4; ++j) k[j] = load8(key[j] + d);
-        for (int g = 0; g < NG; ++g) {
-          const __m256 q = _mm256_loadu_ps(query[g] + d);
-          for (int j = 0; j < 4; ++j) acc[g][j] = _mm256_fmadd_ps(q, k[j], acc[g][j]);
+        __m256 q[NG];
+        UNROLL4 for (int g = 0; g < NG; ++g) q[g] = _mm256_loadu_ps(query[g] + d);
+        UNROLL4 for (int j = 0; j < 4; ++j) {
+          const __m256 k = load8(key[j] + d);
+          UNROLL4 for (int g = 0; g < NG; ++g) acc[g][j] = _mm256_fmadd_ps(q[g], k, acc[g][j]);
         }
       }
-      for (int g = 0; g < NG; ++g) _mm_storeu_ps(scores[g] + s, _mm_mul_ps(sum4x8(acc[g]), _mm_set1_ps(scale)));
+      UNROLL4 for (int g = 0; g < NG; ++g)
+        _mm_storeu_ps(scores[g] + s, _mm_mul_ps(sum4x8(acc[g]), _mm_set1_ps(scale)));
     }
   }
   for (int g = 0; g < NG; ++g) score_keys(query[g], keys, slot_of + s, L - s, stride, D, scale, scores[g] + s);
 }
 
-// out[g][d] = sum_s p[g][s] * value_s[d] for NG heads, 32 columns at a time (NG x 4 accumulators).
+// out[g][d] = sum_s p[g][s] * value_s[d] for NG heads, 32 columns at a time: NG x 4 accumulators, the NG
+// weights of a key broadcast once, and one value vector at a time (sixteen registers at NG = 3).
 template <int NG, typename T>
 void weigh_values_heads(const float* const* p, const T* values, const int64_t* slot_of, int64_t L,
                         int64_t stride, int64_t D, float* const* out) {
   int64_t d0 = 0;
   for (; d0 + 32 <= D; d0 += 32) {
     __m256 acc[NG][4];
-    for (int g = 0; g < NG; ++g)
-      for (int c = 0; c < 4; ++c) acc[g][c] = _mm256_setzero_ps();
+    UNROLL4 for (int g = 0; g < NG; ++g)
+      UNROLL4 for (int c = 0; c < 4; ++c) acc[g][c] = _mm256_setzero_ps();
     for (int64_t s = 0; s < L; ++s) {
       const T* value = values + slot_of[s] * stride + d0;
       if (s + kAheadKeys < L) prefetch_row(values + slot_of[s + kAheadKeys] * stride + d0, 32);
-      __m256 v[4];
-      for (int c = 0; c < 4; ++c) v[c] = load8(value + 8 * c);
-      for (int g = 0; g < NG; ++g) {
-        const __m256 weight = _mm256_set1_ps(p[g][s]);
-        for (int c = 0; c < 4; ++c) acc[g][c] = _mm256_fmadd_ps(weight, v[c], acc[g][c]);
+      __m256 weight[NG];
+      UNROLL4 for (int g = 0; g < NG; ++g) weight[g] = _mm256_broadcast_ss(p[g] + s);
+      UNROLL4 for (int c = 0; c < 4; ++c) {
+        const __m256 v = load8(value + 8 * c);
+        UNROLL4 for (int g = 0; g < NG; ++g) acc[g][c] = _mm256_fmadd_ps(weight[g], v, acc[g][c]);
       }
     }
-    for (int g = 0; g < NG; ++g)
-      for (int c = 0; c < 4; ++c) _mm256_storeu_ps(out[g] + d0 + 8 * c, acc[g][c]);
+    UNROLL4 for (int g = 0; g < NG; ++g)
+      UNROLL4 for (int c = 0; c < 4; ++c) _mm256_storeu_ps(out[g] + d0 + 8 * c, acc[g][c]);
   }
   if (d0 < D)
     for (int g = 0; g < NG; ++g) weigh_values(p[g], values, slot_of, L, stride, D, out[g], d0);
@@ -249,10 +262,10 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
         locate(index, b, h, first, last);
         const int64_t L = last - first;
         slot_of.resize(L);
-        for (int64_t s = 0; s < L; ++s) {
-          const int64_t block = tables[b * W + (first + s) / block_size];
-          slot_of[s] = block * block_size + (first + s) % block_size;
-          TORCH_CHECK(slot_of[s] >= 0 && slot_of[s] < slots, "block table points outside the cache");
+        for (int64_t pos = first; pos < last;) {  // a block at a time: no division per key
+          const int64_t base = tables[b * W + pos / block_size] * block_size;
+          TORCH_CHECK(base >= 0 && base + block_size <= slots, "block table points outside the cache");
+          for (int64_t o = pos % block_size; o < block_size && pos < last; ++o, ++pos) slot_of[pos - first] = base + o;
         }
         scores.resize(G * L);
         for (int64_t g = 0; g < G; ++g) {

@@ -16,7 +16,6 @@
 
 namespace {
 
-#define UNROLL4 _Pragma("GCC unroll 4")
 
 void check_rows(const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat, "fp32 only");

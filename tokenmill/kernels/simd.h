@@ -4,6 +4,9 @@
 #pragma once
 #include <immintrin.h>
 
+// Unroll a short loop over accumulators fully, so that they stay in registers.
+#define UNROLL4 _Pragma("GCC unroll 4")
+
 namespace tokenmill {
 
 // e^x for eight lanes, relative error ~2e-7 (x clamped to the normal fp32 range).
