@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tokenmill.errors import InvalidParameterError
-from tokenmill.layers.sampler import SamplingRow, sample
+from tokenmill.layers.sampler import SamplingRow, sample, sampling_probabilities
 from tokenmill.sampling import SamplingParams
 
 LOGITS = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
@@ -38,6 +38,32 @@ def test_top_k_top_p_min_p_exclude_the_tail():
     assert probs[:2].sum() < 0.8 < probs[:3].sum()
     assert _frequencies(500, temperature=1.0, top_p=0.8)[3:].sum() == 0
     assert _frequencies(500, temperature=1.0, min_p=0.2)[3:].sum() == 0  # 0.08 < 0.2 * 0.56
+
+
+def _kept_by_full_sort(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> set[int]:
+    """The definitions, on one sort of the whole vocabulary."""
+    probs = logits.softmax(-1)
+    ordered, order = probs.sort(descending=True)
+    keep = set()
+    for rank, (p, token) in enumerate(zip(ordered.tolist(), order.tolist(), strict=True)):
+        mass_before = float(ordered[:rank].sum())
+        if rank == 0 or ((top_k == 0 or rank < top_k) and mass_before <= top_p and p >= min_p * ordered[0]):
+            keep.add(token)
+    return keep
+
+
+def test_truncation_matches_a_full_sort_of_the_vocabulary():
+    """Top-p widens its partial sort until the nucleus fits: a flat row needs thousands of tokens."""
+    generator = torch.Generator().manual_seed(0)
+    vocab = 6000
+    logits = torch.randn(5, vocab, generator=generator) * torch.tensor([[4.0], [4.0], [0.05], [2.0], [3.0]])
+    settings = [(0, 0.9, 0.0), (50, 0.95, 0.0), (0, 0.8, 0.0), (300, 1.0, 0.0), (0, 0.97, 0.05)]
+    rows = [_row(i, temperature=1.0, top_k=k, top_p=p, min_p=m) for i, (k, p, m) in enumerate(settings)]
+    probs = sampling_probabilities(logits, rows)
+    assert len(_kept_by_full_sort(logits[2], 0, 0.8, 0.0)) > 1024  # beyond the first partial sorts
+    for i, (k, p, m) in enumerate(settings):
+        assert set(probs[i].nonzero().flatten().tolist()) == _kept_by_full_sort(logits[i], k, p, m)
+        assert abs(float(probs[i].sum()) - 1.0) < 1e-5
 
 
 def test_presence_and_frequency_penalties_follow_openai_formula():

@@ -1,7 +1,10 @@
 """Token selection for a batch of rows, each with its own parameters and (optionally) its own seed.
 
-Sampling uses the exponential race (argmax of p / E, E ~ Exp(1)): a seeded row draws its noise from its
-own generator, so its tokens do not depend on what else shares the batch.
+A sampled row takes the token where its cumulative distribution passes one uniform number drawn from the
+row's own generator (a seeded row's tokens do not depend on what else shares the batch). One number per row,
+not one per vocabulary entry: the exponential race over SmolLM2's 49,152 tokens drew 3.1M exponentials at
+batch 64, 60 ms per step, more than the model's decode step. Top-k and top-p look only at the few largest
+probabilities (a partial sort that widens until it holds the nucleus) instead of sorting the vocabulary.
 """
 
 from __future__ import annotations
@@ -35,35 +38,67 @@ def _apply_penalties(logits: torch.Tensor, row: SamplingRow) -> None:
         logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
 
 
-def _truncate(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """Apply top-k, top-p and min-p in one sort; logits are already divided by temperature."""
-    vocab = logits.shape[-1]
+# Top-p first looks at this many of a row's largest probabilities, four times more while the nucleus
+# does not fit (at batch 64 x 49,152: topk(256) ~5 ms, a full sort ~120 ms).
+_NUCLEUS_START = 256
+
+
+def _truncate(probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Zero what top-k, top-p and min-p exclude (the most likely token always stays), renormalised.
+
+    As with one sort of the vocabulary: top-k keeps the k most likely, top-p the most likely tokens until
+    the mass before them reaches p, min-p those at least min_p times the most likely one's probability."""
+    vocab = probs.shape[-1]
     top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else vocab for r in rows])
-    top_p = torch.tensor([r.params.top_p for r in rows], dtype=logits.dtype)
-    min_p = torch.tensor([r.params.min_p for r in rows], dtype=logits.dtype)
-    ordered, order = logits.sort(dim=-1, descending=True)
-    ranks = torch.arange(vocab).unsqueeze(0)
-    drop = ranks >= top_k.unsqueeze(1)
-    probs = ordered.softmax(dim=-1)
-    drop |= (probs.cumsum(dim=-1) - probs) > top_p.unsqueeze(1)
-    drop |= probs < (min_p * probs[:, :1].squeeze(1)).unsqueeze(1)
-    drop[:, 0] = False
-    ordered = ordered.masked_fill(drop, float("-inf"))
-    return torch.empty_like(logits).scatter_(1, order, ordered)
+    top_p = torch.tensor([r.params.top_p for r in rows], dtype=probs.dtype)
+    min_p = torch.tensor([r.params.min_p for r in rows], dtype=probs.dtype)
+    keep = torch.ones_like(probs, dtype=torch.bool)
+    ranked = ((top_k < vocab) | (top_p < 1.0)).nonzero().flatten()
+    limited = top_k[top_k < vocab]
+    k = min(vocab, max(_NUCLEUS_START, int(limited.max()) if len(limited) else 0))
+    while len(ranked):  # rows whose nucleus did not fit in the k largest go round again with 4k
+        values, order = probs[ranked].topk(k, dim=-1)
+        before = values.cumsum(dim=-1) - values  # the mass of the tokens ranked above each
+        p = top_p[ranked].unsqueeze(1)
+        fits = (p[:, 0] >= 1.0) | (before[:, -1] + values[:, -1] > p[:, 0]) | (k == vocab)
+        chosen = (torch.arange(k).unsqueeze(0) < top_k[ranked].unsqueeze(1)) & ((before <= p) | (p >= 1.0))
+        chosen[:, 0] = True
+        keep[ranked[fits]] = torch.zeros_like(keep[ranked[fits]]).scatter_(1, order[fits], chosen[fits])
+        ranked, k = ranked[~fits], min(vocab, 4 * k)
+    if bool((min_p > 0).any()):
+        keep &= probs >= (min_p * probs.amax(dim=-1)).unsqueeze(1)
+    probs = probs * keep
+    return probs / probs.sum(dim=-1, keepdim=True)
 
 
 def sampling_probabilities(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """Each row's sampling distribution: divided by its temperature, then top-k/top-p/min-p applied."""
     temps = torch.tensor([r.params.temperature for r in rows], dtype=logits.dtype).unsqueeze(1)
-    scaled = logits / temps
+    probs = (logits / temps).softmax(dim=-1)
     if any(r.params.top_k > 0 or r.params.top_p < 1.0 or r.params.min_p > 0.0 for r in rows):
-        scaled = _truncate(scaled, rows)
-    return scaled.softmax(dim=-1)
+        probs = _truncate(probs, rows)
+    return probs
+
+
+def _uniforms(generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One U[0, 1) number per row, each from its row's generator (None: the global one)."""
+    return torch.cat([torch.rand(1, generator=g) for g in generators])
+
+
+def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Per row, the token whose share of the cumulative distribution holds uniforms[row] (rows need not sum
+    to one). A token of probability zero is never chosen, rounding at the top end included."""
+    cdf = probs.cumsum(dim=-1)
+    targets = (uniforms * cdf[:, -1]).unsqueeze(1)
+    chosen = torch.searchsorted(cdf, targets, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
+    empty = probs.gather(1, chosen.unsqueeze(1)).squeeze(1) == 0
+    if bool(empty.any()):
+        chosen[empty] = probs[empty].argmax(dim=-1)
+    return chosen
 
 
 def _sample_from(probs: torch.Tensor, generator: torch.Generator | None) -> int:
-    noise = torch.empty_like(probs).exponential_(generator=generator)
-    return int((probs / noise).argmax())
+    return int(_inverse_cdf(probs.unsqueeze(0), _uniforms([generator]))[0])
 
 
 def verify_draft(
@@ -120,11 +155,8 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], li
     if random_rows:
         picked = [rows[i] for i in random_rows]
         index = torch.tensor(random_rows)
-        probs = sampling_probabilities(logits[index], picked)
-        noise = torch.empty_like(probs)
-        for j, row in enumerate(picked):
-            noise[j].exponential_(generator=row.generator)
-        chosen[index] = (probs / noise).argmax(dim=-1)
+        probs = sampling_probabilities(logits if len(picked) == len(rows) else logits[index], picked)
+        chosen[index] = _inverse_cdf(probs, _uniforms([row.generator for row in picked]))
     token_ids = chosen.tolist()
     logprobs: list[TokenLogprob | None] = [None] * len(rows)
     if raw_logprobs is not None:
