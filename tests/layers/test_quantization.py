@@ -37,12 +37,13 @@ def test_int8_round_trip_error_is_within_half_a_step():
 
 
 def test_int4_requantising_a_q4_1_grid_is_lossless():
-    """GGUF Q4_1 stores w = min + d * q (q in 0..15) per 32 weights; our int4 must reproduce it exactly."""
+    """GGUF Q4_1 stores w = min + d * q (q in 0..15) per 32 weights, d and min in fp16; our int4 must
+    reproduce it exactly."""
     torch.manual_seed(0)
     q = torch.randint(0, 16, (16, 4, 32))
     q[:, :, 0], q[:, :, 1] = 0, 15  # every group spans the grid, as Q4_1's min/max make it
-    d = torch.rand(16, 4, 1) * 0.01 + 1e-3
-    low = torch.randn(16, 4, 1) * 0.05
+    d = (torch.rand(16, 4, 1) * 0.01 + 1e-3).half().float()
+    low = (torch.randn(16, 4, 1) * 0.05).half().float()
     weight = (low + d * q).reshape(16, 128)
     assert torch.allclose(dequantize_int4(quantize_int4(weight, 32)), weight, atol=1e-6)
 

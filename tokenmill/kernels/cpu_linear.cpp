@@ -225,6 +225,21 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return total;
 }
 
+// An fp16 value (at::Half's bits) as fp32.
+inline float half_value(uint16_t bits) { return _cvtsh_ss(bits); }
+
+// a in fp16.
+inline float dot(const uint16_t* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + i))),
+                          _mm256_loadu_ps(b + i), acc);
+  float total = sum8(acc);
+  for (; i < n; ++i) total += half_value(a[i]) * b[i];
+  return total;
+}
+
 // One 32-byte load of packed weights (64 weights, two groups of 32) against int8 activations, reordered as
 // Int8Groups stores them: lanes 0-3 of the int32 result sum the first group, lanes 4-7 the second.
 // vpmaddubsw's int16 sums stay exact: 2 * 15 * 127 per product pair, two of them added.
@@ -245,10 +260,22 @@ inline __m256 pair_scales(const float* v) {
   return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(pair), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
 }
 
+// The same from fp16 (int4 weights' scales and minimums are fp16: at::Half's bits).
+inline __m256 pair_scales(const uint16_t* v) {
+  int32_t bits;
+  std::memcpy(&bits, v, sizeof(bits));
+  const __m128 pair = _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
+  return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(pair), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+}
+
 // Eight groups' scales in the order int4_direct's three horizontal adds leave their sums:
 // 0, 2, 4, 6, 1, 3, 5, 7.
-inline __m256 block_scales(const float* v) {
-  return _mm256_permutevar8x32_ps(_mm256_loadu_ps(v), _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
+inline __m256 block_scales(__m256 v) {
+  return _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
+}
+inline __m256 block_scales(const float* v) { return block_scales(_mm256_loadu_ps(v)); }
+inline __m256 block_scales(const uint16_t* v) {
+  return block_scales(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v))));
 }
 
 // w = q * scale + min per group: sum_k w_k x_k = sum_g scale_g * sum_k q_k x_k + min_g * sum_k x_k, and the
@@ -257,7 +284,7 @@ inline __m256 block_scales(const float* v) {
 // adds, and one multiply and one FMA scale all eight (per chunk, that was the multiply units' bottleneck:
 // 1 row on one core 18 GB/s). Other group sizes, and the chunks left over, scale chunk by chunk.
 template <int MB, bool kGroup32>
-inline void int4_direct(const uint8_t* packed, const float* scales, const float* mins, int64_t group,
+inline void int4_direct(const uint8_t* packed, const uint16_t* scales, const uint16_t* mins, int64_t group,
                         const Int8Groups& x, int64_t m0, float* y, int64_t N, int64_t K) {
   const int64_t groups = K / group, full = K / 64, blocks = kGroup32 ? full / 4 : 0;
   const int8_t* xq = x.q.data() + m0 * K;
@@ -267,7 +294,7 @@ inline void int4_direct(const uint8_t* packed, const float* scales, const float*
     UNROLL for (int m = 0; m < MB; ++m) acc[n][m] = _mm256_setzero_ps();
   // Scales and minimums of the panels ahead, with their weights (a third of the bytes at group 32).
   UNROLL for (int n = 0; n < kRows; ++n)
-    for (int64_t g = 0; g < groups; g += 16) {
+    for (int64_t g = 0; g < groups; g += 32) {
       prefetch_l2(scales + (n + kAhead) * groups + g);
       prefetch_l2(mins + (n + kAhead) * groups + g);
     }
@@ -296,10 +323,10 @@ inline void int4_direct(const uint8_t* packed, const float* scales, const float*
     UNROLL for (int n = 0; n < kRows; ++n) {
       const uint8_t* w = packed + n * (K / 2) + k / 2;
       if (c % 2 == 0) prefetch_l2(w + kAhead * (K / 2));
-      const float* row_scales = scales + n * groups;
+      const uint16_t* row_scales = scales + n * groups;
       const __m256 w_scale = kGroup32 ? pair_scales(row_scales + 2 * c)
-                                      : _mm256_set_m128(_mm_set1_ps(row_scales[(k + 32) / group]),
-                                                        _mm_set1_ps(row_scales[k / group]));
+                                      : _mm256_set_m128(_mm_set1_ps(half_value(row_scales[(k + 32) / group])),
+                                                        _mm_set1_ps(half_value(row_scales[k / group])));
       UNROLL for (int m = 0; m < MB; ++m) {
         const __m256 sums = _mm256_cvtepi32_ps(int4_chunk(w, xq + m * K + k));
         acc[n][m] = _mm256_fmadd_ps(sums, _mm256_mul_ps(w_scale, x_scale[m]), acc[n][m]);
@@ -322,7 +349,7 @@ inline void int4_direct(const uint8_t* packed, const float* scales, const float*
         __m128i s = _mm_madd_epi16(products, ones);
         s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
         s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-        tail[n][m] = static_cast<float>(_mm_cvtsi128_si32(s)) * scales[n * groups + k / group] *
+        tail[n][m] = static_cast<float>(_mm_cvtsi128_si32(s)) * half_value(scales[n * groups + k / group]) *
                      xs[m * (K / 32) + k / 32];
       }
     }
@@ -536,14 +563,14 @@ constexpr int64_t kInt4Panel = 8;  // output rows per integer panel: one int32 l
 // A panel of int4 rows n0 .. n0 + width - 1 over all of K, per block of 32: four 32-byte vectors (vector j:
 // each row's bytes 4j .. 4j + 3, i.e. weights 4j .. 4j + 3 in the low nibbles and 4j + 16 .. 4j + 19 in the
 // high ones, row r at bytes 4r .. 4r + 3), then the rows' 8 scales and 8 minimums. Rows past `width` are zero.
-inline void pack_int4_panel(const uint8_t* packed, const float* scales, const float* mins, int64_t group,
+inline void pack_int4_panel(const uint8_t* packed, const uint16_t* scales, const uint16_t* mins, int64_t group,
                             int64_t K, int64_t width, uint8_t* weights, float* factors) {
   const int64_t groups = K / group;
   for (int64_t b = 0; b < K / 32; ++b) {
     if (b % 4 == 0) {  // the next panel's rows, 64 bytes (four blocks) at a time: weights stream from memory
       UNROLL for (int n = 0; n < kInt4Panel; ++n) prefetch_l2(packed + (n + kInt4Panel) * (K / 2) + 16 * b);
     }
-    if (b % 16 == 0) {
+    if (b % 32 == 0) {
       UNROLL for (int n = 0; n < kInt4Panel; ++n) {
         prefetch_l2(scales + (n + kInt4Panel) * groups + b * 32 / group);
         prefetch_l2(mins + (n + kInt4Panel) * groups + b * 32 / group);
@@ -565,8 +592,8 @@ inline void pack_int4_panel(const uint8_t* packed, const float* scales, const fl
     _mm256_store_si256(out + 3, _mm256_unpackhi_epi64(t1, t3));
     const int64_t g = b * 32 / group;
     for (int64_t n = 0; n < kInt4Panel; ++n) {
-      factors[16 * b + n] = n < width ? scales[n * groups + g] : 0.f;
-      factors[16 * b + 8 + n] = n < width ? mins[n * groups + g] : 0.f;
+      factors[16 * b + n] = n < width ? half_value(scales[n * groups + g]) : 0.f;
+      factors[16 * b + 8 + n] = n < width ? half_value(mins[n * groups + g]) : 0.f;
     }
   }
 }
@@ -621,7 +648,7 @@ inline void int4_tile(const uint8_t* weights, const float* factors, const Int8Bl
 
 constexpr int64_t kInt4TileRows = 4;  // 4, 5 and 6 measured alike; 3 ~30% slower
 
-inline void int4_tiles(const uint8_t* packed, const float* scales, const float* mins, int64_t group,
+inline void int4_tiles(const uint8_t* packed, const uint16_t* scales, const uint16_t* mins, int64_t group,
                        const Int8Blocks& x, int64_t M, int64_t N, int64_t K, float* y) {
   const int64_t groups = K / group;
   at::parallel_for(0, (N + kInt4Panel - 1) / kInt4Panel, 1, [&](int64_t begin, int64_t end) {
@@ -756,19 +783,20 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed must be contiguous uint8");
   TORCH_CHECK(group % 32 == 0, "group must be a multiple of 32");
   const int64_t N = packed.size(0), K = packed.size(1) * 2;
-  TORCH_CHECK(scales.is_contiguous() && mins.is_contiguous() && scales.numel() == N * (K / group) &&
+  TORCH_CHECK(scales.is_contiguous() && mins.is_contiguous() && scales.scalar_type() == at::kHalf &&
+                  mins.scalar_type() == at::kHalf && scales.numel() == N * (K / group) &&
                   mins.numel() == scales.numel(),
-              "scales/mins must be [N, K / group] fp32");
+              "scales/mins must be [N, K / group] fp16");
   const uint8_t* q = packed.data_ptr<uint8_t>();
-  const float* s = scales.data_ptr<float>();
-  const float* z = mins.data_ptr<float>();
+  const auto* s = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  const auto* z = reinterpret_cast<const uint16_t*>(mins.data_ptr<at::Half>());
   const int64_t groups = K / group;
   return quantized_linear(
       x_in, N, K, kInt4DirectMaxRows,
       [&](const float* xp, int64_t M, int64_t K) { return quantize_groups_int8(xp, M, K, group); },
       [&](int64_t n0, const Int8Groups& rows, int64_t m0, float* yp, int64_t M) {
         const uint8_t* panel = q + n0 * (K / 2);
-        const float *panel_scales = s + n0 * groups, *panel_mins = z + n0 * groups;
+        const uint16_t *panel_scales = s + n0 * groups, *panel_mins = z + n0 * groups;
         if (group == 32) {
           if (M == 1) int4_direct<1, true>(panel, panel_scales, panel_mins, group, rows, m0, yp, N, K);
           else int4_direct<2, true>(panel, panel_scales, panel_mins, group, rows, m0, yp, N, K);

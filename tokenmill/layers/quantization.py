@@ -1,9 +1,11 @@
 """Weight quantisation formats: int8 per output channel, int4 in groups along the input dimension.
 
-Both keep fp32 scales so dequantisation is one multiply(-add). int8 is symmetric (w = q * s): one scale per
-row is enough at 8 bits. int4 is asymmetric per group (w = q * s + min, q in 0..15), the format of GGUF's
+Dequantisation is one multiply(-add). int8 is symmetric (w = q * s, fp32 s): one scale per row is enough at
+8 bits. int4 is asymmetric per group (w = q * s + min, q in 0..15, s and min in fp16), the format of GGUF's
 Q4_1, so re-quantising a Q4_1 model loses nothing, and a group of 32 tracks local ranges a row scale
-cannot.
+cannot. fp16 scale and minimum: 4 bytes per 32 weights instead of 8, 0.625 bytes per weight instead of 0.75,
+which a memory-bound decode step reads 17% faster (rounding them costs nothing measurable: see
+`tokenmill bench quality`).
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ class Int8Weight:
 @dataclass(slots=True)
 class Int4Weight:
     packed: torch.Tensor  # uint8 [N, K / 2]; per 32 weights: byte j = w[j] | w[j + 16] << 4
-    scales: torch.Tensor  # fp32 [N, K / group]
-    mins: torch.Tensor  # fp32 [N, K / group]
+    scales: torch.Tensor  # fp16 [N, K / group]
+    mins: torch.Tensor  # fp16 [N, K / group]
     group: int
 
     @property
@@ -56,15 +58,24 @@ def dequantize_int8(weight: Int8Weight) -> torch.Tensor:
     return weight.qweight.float() * weight.scales[:, None]
 
 
+_FP16_MAX = 65504.0
+_FP16_TINY = 2.0**-24  # the smallest positive fp16: a constant group's scale
+
+
 def quantize_int4(weight: torch.Tensor, group: int = 32) -> Int4Weight:
     rows, cols = weight.shape
     if group not in INT4_GROUP_SIZES or cols % group:
         raise ValueError(f"int4 group must be one of {INT4_GROUP_SIZES} and divide the row length {cols}")
     grouped = weight.float().reshape(rows, cols // group, group)
-    low = grouped.amin(dim=2)
+    # Rounded to fp16 first, so the 4-bit values are chosen against the scale and minimum as stored.
+    low = grouped.amin(dim=2).clamp(-_FP16_MAX, _FP16_MAX).half()
     high = grouped.amax(dim=2)
-    scales = ((high - low) / 15.0).clamp(min=1e-12)
-    q = torch.round((grouped - low[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8)
+    scales = ((high - low.float()) / 15.0).clamp(_FP16_TINY, _FP16_MAX).half()
+    q = (
+        torch.round((grouped - low.float()[..., None]) / scales.float()[..., None])
+        .clamp(0, 15)
+        .to(torch.uint8)
+    )
     q = q.reshape(rows, cols // 32, 2, 16)
     packed = q[:, :, 0, :] | (q[:, :, 1, :] << 4)
     return Int4Weight(
@@ -100,5 +111,5 @@ def dequantize_int4(weight: Int4Weight) -> torch.Tensor:
     cols = weight.packed.shape[1] * 2
     packed = weight.packed.reshape(rows, cols // 32, 1, 16)
     q = torch.cat([packed & 0x0F, packed >> 4], dim=2).reshape(rows, cols // weight.group, weight.group)
-    values = q.float() * weight.scales[..., None] + weight.mins[..., None]
+    values = q.float() * weight.scales.float()[..., None] + weight.mins.float()[..., None]
     return values.reshape(rows, cols)
