@@ -115,9 +115,9 @@ void weigh_values(const float* p, const T* values, const int64_t* slot_of, int64
 
 // The query heads that share a KV head (GQA) read the same keys and values: NG of them at once load each key
 // and value row once, where one head at a time loaded it NG times (those loads, not memory, bounded the
-// kernel at long contexts). scores[g][s] = scale * <query[g], key_s>; four keys x NG heads of accumulators
-// and the four keys' vectors: sixteen registers at NG = 3, the queries coming in as the FMAs' memory operands
-// (one more register spilled accumulators to the stack on every FMA: 2.5x slower at context 1,500).
+// kernel at long contexts). scores[g][s] = scale * <query[g], key_s>; four keys x NG heads of accumulators,
+// the NG query vectors and one key at a time: sixteen registers at NG = 3. (Loading the four keys first
+// needed seventeen, and the compiler kept an accumulator on the stack, a store and a load around every FMA.)
 template <int NG, typename T>
 void score_keys_heads(const float* const* query, const T* keys, const int64_t* slot_of, int64_t L,
                       int64_t stride, int64_t D, float scale, float* const* scores) {
@@ -265,7 +265,8 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
         for (int64_t pos = first; pos < last;) {  // a block at a time: no division per key
           const int64_t base = tables[b * W + pos / block_size] * block_size;
           TORCH_CHECK(base >= 0 && base + block_size <= slots, "block table points outside the cache");
-          for (int64_t o = pos % block_size; o < block_size && pos < last; ++o, ++pos) slot_of[pos - first] = base + o;
+          for (int64_t o = pos % block_size; o < block_size && pos < last; ++o, ++pos)
+            slot_of[pos - first] = base + o;
         }
         scores.resize(G * L);
         for (int64_t g = 0; g < G; ++g) {
