@@ -214,6 +214,7 @@ def cmd_bench_offline(args: argparse.Namespace) -> int:
         batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",") if b),
         quantizations=tuple(q for q in args.quantization.split(",") if q) or ("none",),
         llamacpp_weights=tuple(w for w in args.llamacpp_weights.split(",") if w) or ("native",),
+        temperature=args.temperature,
     )
     print(markdown_table(results))
     print(f"wrote {Path(args.out_dir) / 'offline.json'}, offline.md, offline.png")
@@ -372,6 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--llamacpp-weights",
         default="native",
         help="llama.cpp GGUF weights: native (as shipped) and/or re-encoded f32, f16, q8_0, q4_0, q4_1",
+    )
+    offline.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="sample the workloads at this temperature on every system (0: greedy); shows the sampler's cost",
     )
     offline.add_argument("--out-dir", default="results")
     offline.set_defaults(func=cmd_bench_offline)

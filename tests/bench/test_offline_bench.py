@@ -64,6 +64,22 @@ def test_offline_bench_runs_tokenmill_and_hf_side_by_side_and_writes_json_md_png
     assert (tmp_path / "offline_sweep.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_offline_bench_samples_at_a_temperature_on_every_system(tiny_models, tmp_path):
+    folder = str(tiny_models["llama"][0])
+    common = ["offline", "--model", folder, "--num-prompts", "4", "--input-len", "16", "--output-len", "8"]
+    common += ["--peers", "hf", "--threads", "1", "--out-dir", str(tmp_path)]
+    result = _run(*common, "--temperature", "0.8")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((tmp_path / "offline.json").read_text())
+    batch = [r for r in rows if r["scenario"] != "single-stream decode"]
+    assert {r["system"] for r in batch} == {"tokenmill fp32", "hf-transformers"}
+    for row in batch:
+        assert row["scenario"] == "random: 4 x 16 in / 8 out, temperature 0.8", row
+        assert row["output_tokens"] == 32, row
+    refused = _run(*common, "--temperature", "-1")
+    assert refused.returncode != 0 and "temperature" in refused.stderr
+
+
 def test_speculative_bench_reports_speedup_and_identical_output(tiny_models, tmp_path):
     folder = str(tiny_models["llama"][0])
     result = _run("speculative", "--model", folder, "--output-len", "12", "--out-dir", str(tmp_path))

@@ -135,20 +135,26 @@ def llama_server(gguf_path: str | Path, n_parallel: int, ctx_per_slot: int, thre
         del server  # the last reference: the C++ destructor stops the HTTP listener and the slot loop
 
 
-def _payload(prompt: list[int], n_predict: int) -> dict:
+def _payload(prompt: list[int], n_predict: int, temperature: float = 0.0) -> dict:
+    """Greedy, or plain temperature sampling: llama-server's default top-k 40, top-p 0.95 and min-p 0.05
+    switched off, as for the other systems."""
+    sampling = (
+        {"temperature": 0.0, "top_k": 1}
+        if temperature <= 0
+        else {"temperature": temperature, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
+    )
     return {
         "prompt": list(prompt),  # token ids: no tokenisation, no BOS added
         "n_predict": n_predict,
         "ignore_eos": True,
-        "temperature": 0.0,  # greedy
-        "top_k": 1,
+        **sampling,
         "cache_prompt": False,
         "stream": False,
     }
 
 
-def _complete(client, url: str, prompt: list[int], n_predict: int) -> dict:
-    response = client.post(f"{url}/completion", json=_payload(prompt, n_predict))
+def _complete(client, url: str, prompt: list[int], n_predict: int, temperature: float = 0.0) -> dict:
+    response = client.post(f"{url}/completion", json=_payload(prompt, n_predict, temperature))
     if response.status_code != 200:
         raise RuntimeError(f"llama-server /completion returned {response.status_code}: {response.text[:500]}")
     return response.json()
@@ -167,6 +173,7 @@ def bench_llamacpp(
     threads: int,
     n_parallel: int,
     scenario: str,
+    temperature: float = 0.0,
 ) -> BenchResult:
     """All prompts through llama-server, at most n_parallel in flight; wall time first send -> last reply."""
     import httpx
@@ -179,7 +186,7 @@ def bench_llamacpp(
             _complete(client, url, prompts[0][:8], 2)  # warm-up
             with ThreadPoolExecutor(max_workers=n_parallel) as pool:
                 start = time.perf_counter()
-                bodies = list(pool.map(lambda p: _complete(client, url, p, output_len), prompts))
+                bodies = list(pool.map(lambda p: _complete(client, url, p, output_len, temperature), prompts))
                 seconds = time.perf_counter() - start
     counts = [_output_tokens(b) for b in bodies]
     note = _weights_note(gguf_path)

@@ -44,8 +44,11 @@ class BenchResult:
         return self.output_tokens / self.seconds if self.seconds else 0.0
 
 
-def bench_tokenmill(llm: LLM, prompts: list[list[int]], output_len: int, scenario: str) -> BenchResult:
-    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+def bench_tokenmill(
+    llm: LLM, prompts: list[list[int]], output_len: int, scenario: str, temperature: float = 0.0
+) -> BenchResult:
+    """temperature 0: greedy; above: plain temperature sampling (no top-k/top-p), as the peers get."""
+    params = SamplingParams(temperature=temperature, max_tokens=output_len, ignore_eos=True)
     llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=2))  # warm-up
     phases = llm.engine.stats.phase_seconds
     before = dict(phases)
@@ -96,7 +99,9 @@ def load_hf_model(model: str | None):
     return hf.eval()
 
 
-def bench_hf(hf, prompts: list[list[int]], output_len: int, scenario: str) -> BenchResult:
+def bench_hf(
+    hf, prompts: list[list[int]], output_len: int, scenario: str, temperature: float = 0.0
+) -> BenchResult:
     """HF generate on the whole batch at once; ragged prompts are left-padded with an attention mask."""
     width = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
@@ -105,6 +110,8 @@ def bench_hf(hf, prompts: list[list[int]], output_len: int, scenario: str) -> Be
         ids[row, width - len(prompt) :] = torch.tensor(prompt)
         mask[row, width - len(prompt) :] = 1
     kwargs = dict(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False, pad_token_id=0)
+    if temperature > 0:  # HF's sampling defaults add top-k 50: off, as for the other systems
+        kwargs |= dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
     with torch.no_grad():
         hf.generate(ids[:1, -8:], attention_mask=mask[:1, -8:], max_new_tokens=2, pad_token_id=0)
         start = time.perf_counter()
@@ -146,6 +153,7 @@ def _tokenmill_results(
     batch_sizes: tuple[int, ...],
     out_dir: Path | None,
     quantization: str,
+    temperature: float = 0.0,
 ) -> tuple[dict[str, list[list[int]]], list[int], list[BenchResult]]:
     """tokenmill in one weight format (a +kv16 suffix: over a float16 KV cache): single-stream decode, then
     each workload (and the batch sweep)."""
@@ -164,7 +172,8 @@ def _tokenmill_results(
     first_prompt = next(iter(sets.values()))[0]
     results = [bench_tokenmill_decode(llm, first_prompt, output_len)]
     for name, prompts in sets.items():
-        results.append(bench_tokenmill(llm, prompts, output_len, _scenario(name, prompts, output_len)))
+        scenario = _scenario(name, prompts, output_len, temperature)
+        results.append(bench_tokenmill(llm, prompts, output_len, scenario, temperature))
     if batch_sizes:
         from tokenmill.bench.roofline import roofline_for_engine, write_report
 
@@ -197,6 +206,7 @@ def run_offline(
     batch_sizes: tuple[int, ...] = (),
     quantizations: tuple[str, ...] = ("none",),
     llamacpp_weights: tuple[str, ...] = ("native",),
+    temperature: float = 0.0,
 ) -> list[BenchResult]:
     """Each workload through tokenmill, then through each peer; single-stream decode once per system.
 
@@ -205,7 +215,11 @@ def run_offline(
     at each batch size against the roofline bound (offline_sweep.json/.md/.png). `quantizations` runs
     tokenmill once per weight format (none = fp32, int8, int4; int4+kv16 and the like over a float16 KV
     cache); `llamacpp_weights` runs llama.cpp on the
-    GGUF as shipped ("native") and re-encoded (f32, q8_0, q4_0, ...) by bench/gguf_convert.py."""
+    GGUF as shipped ("native") and re-encoded (f32, q8_0, q4_0, ...) by bench/gguf_convert.py. The
+    workloads decode greedily, or with `temperature` > 0 sample at that temperature on every system (the
+    single-stream runs stay greedy)."""
+    if temperature < 0:
+        raise InvalidParameterError(f"temperature must be >= 0, got {temperature}", "temperature")
     results: list[BenchResult] = []
     sets: dict[str, list[list[int]]] = {}
     for index, quantization in enumerate(quantizations):
@@ -221,6 +235,7 @@ def run_offline(
             batch_sizes if index == 0 else (),
             out_dir,
             quantization,
+            temperature,
         )
         results.extend(runs)
     if "hf" in peers:
@@ -231,14 +246,15 @@ def run_offline(
         else:
             results.append(bench_hf_decode(hf, first_prompt, output_len))
             for name, prompts in sets.items():
-                results.append(bench_hf(hf, prompts, output_len, _scenario(name, prompts, output_len)))
+                scenario = _scenario(name, prompts, output_len, temperature)
+                results.append(bench_hf(hf, prompts, output_len, scenario, temperature))
     if "llamacpp" in peers:
         threads = threads or torch.get_num_threads()
         for weights in llamacpp_weights:
             for index, (name, prompts) in enumerate(sets.items()):
-                scenario = _scenario(name, prompts, output_len)
+                scenario = _scenario(name, prompts, output_len, temperature)
                 runs = _llamacpp_results(
-                    model, prompts, output_len, threads, scenario, single=index == 0, weights=weights
+                    model, prompts, output_len, threads, scenario, index == 0, weights, temperature
                 )
                 for run in runs:
                     run.system += "" if weights == "native" else f" {weights}"
@@ -247,7 +263,7 @@ def run_offline(
         from tokenmill.bench.vllm_peer import run_vllm_peer
 
         threads = threads or torch.get_num_threads()
-        results.extend(run_vllm_peer(model, sets, output_len, threads, vllm_venv, vllm_install))
+        results.extend(run_vllm_peer(model, sets, output_len, threads, vllm_venv, vllm_install, temperature))
     if out_dir is not None:
         write_reports(results, out_dir)
     return results
@@ -282,10 +298,11 @@ def build_workloads(
     return {name: makers[name]() for name in names}
 
 
-def _scenario(name: str, prompts: list[list[int]], output_len: int) -> str:
+def _scenario(name: str, prompts: list[list[int]], output_len: int, temperature: float = 0.0) -> str:
     lengths = [len(p) for p in prompts]
     span = f"{min(lengths)}" if min(lengths) == max(lengths) else f"{min(lengths)}-{max(lengths)}"
-    return f"{name}: {len(prompts)} x {span} in / {output_len} out"
+    sampled = f", temperature {temperature:g}" if temperature > 0 else ""
+    return f"{name}: {len(prompts)} x {span} in / {output_len} out{sampled}"
 
 
 def _llamacpp_results(
@@ -296,6 +313,7 @@ def _llamacpp_results(
     scenario: str,
     single: bool = True,
     weights: str = "native",
+    temperature: float = 0.0,
 ) -> list[BenchResult]:
     """llama.cpp's own server on the same GGUF (as shipped, or re-encoded as `weights`): single stream,
     then 8 and 64 parallel slots."""
@@ -315,7 +333,9 @@ def _llamacpp_results(
         if single:
             results.append(bench_llamacpp_decode(str(path), prompts[0], output_len, threads))
         for slots in sorted({8, len(prompts)} if single else {len(prompts)}):
-            results.append(bench_llamacpp(str(path), prompts, output_len, threads, slots, scenario))
+            results.append(
+                bench_llamacpp(str(path), prompts, output_len, threads, slots, scenario, temperature)
+            )
     except Exception as exc:  # reported, not skipped
         results.append(BenchResult(name, scenario, 0, 0, 0.0, note=f"failed: {exc}"))
     return results

@@ -163,12 +163,14 @@ def vllm_server(
         _stop(process)
 
 
-def _complete(client, server: VllmServer, prompt: list[int], max_tokens: int) -> int:
+def _complete(
+    client, server: VllmServer, prompt: list[int], max_tokens: int, temperature: float = 0.0
+) -> int:
     body = {
         "model": server.model,
         "prompt": list(prompt),  # token ids: no tokenisation, no BOS added
         "max_tokens": max_tokens,
-        "temperature": 0.0,
+        "temperature": temperature,
         "ignore_eos": True,
     }
     response = client.post(f"{server.url}/v1/completions", json=body)
@@ -177,7 +179,9 @@ def _complete(client, server: VllmServer, prompt: list[int], max_tokens: int) ->
     return int(response.json()["usage"]["completion_tokens"])
 
 
-def bench_vllm(server: VllmServer, prompts: list[list[int]], output_len: int, scenario: str) -> BenchResult:
+def bench_vllm(
+    server: VllmServer, prompts: list[list[int]], output_len: int, scenario: str, temperature: float = 0.0
+) -> BenchResult:
     """All prompts sent at once; wall time first send -> last reply; counted from vLLM's usage."""
     import httpx
 
@@ -186,7 +190,7 @@ def bench_vllm(server: VllmServer, prompts: list[list[int]], output_len: int, sc
         _complete(client, server, prompts[0][:8], 2)  # warm-up
         with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
             start = time.perf_counter()
-            counts = list(pool.map(lambda p: _complete(client, server, p, output_len), prompts))
+            counts = list(pool.map(lambda p: _complete(client, server, p, output_len, temperature), prompts))
             seconds = time.perf_counter() - start
     short = sum(1 for c in counts if c != output_len)
     note = f"; {short} requests did not return exactly {output_len} tokens" if short else ""
@@ -243,6 +247,7 @@ def run_vllm_peer(
     threads: int,
     venv: Path | None = None,
     install: bool = True,
+    temperature: float = 0.0,
 ) -> list[BenchResult]:
     """Single-stream decode, then each workload, on one vLLM server; a failure anywhere becomes a row
     whose note says what went wrong (the benchmark goes on)."""
@@ -262,7 +267,8 @@ def run_vllm_peer(
             first = next(iter(workloads.values()))[0]
             results.append(bench_vllm_decode(server, first, output_len))
             for name, prompts in workloads.items():
-                results.append(bench_vllm(server, prompts, output_len, _scenario(name, prompts, output_len)))
+                scenario = _scenario(name, prompts, output_len, temperature)
+                results.append(bench_vllm(server, prompts, output_len, scenario, temperature))
         for result in results:
             result.extra |= {"venv_ready_seconds": ready, "startup_seconds": server.startup_seconds}
     except Exception as exc:  # reported, not skipped
