@@ -3,8 +3,8 @@
 vLLM lives in its own venv (see vllm_venv.py) and runs as a separate server process on 127.0.0.1.
 The model is the one tokenmill loads, exported as an fp32 HF folder, and vLLM runs it with
 ``--dtype float32`` so both engines compute on the same weights in the same precision. The workload goes
-to ``/v1/completions`` with the prompt given as token ids, ``ignore_eos`` and greedy decoding, every
-request sent at once (vLLM schedules them itself).
+to ``/v1/completions`` with the prompt given as token ids, ``ignore_eos`` and greedy decoding (or sampling
+at the benchmark's temperature), every request sent at once (vLLM schedules them itself).
 
 Any failure (no venv, install error, start timeout, crash) raises VllmPeerError with the reason and the
 server log's last line, which the offline benchmark reports in its table.

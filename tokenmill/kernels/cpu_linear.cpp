@@ -216,19 +216,10 @@ inline void int8_direct(const int8_t* q, const float* scales, const Int16Rows& x
     UNROLL for (int n = 0; n < kRows; ++n) y[m * N + n] = total[n][m] * scales[n] * x.scale[m0 + m];
 }
 
-inline float dot(const float* a, const float* b, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  float total = sum8(acc);
-  for (; i < n; ++i) total += a[i] * b[i];
-  return total;
-}
-
 // An fp16 value (at::Half's bits) as fp32.
 inline float half_value(uint16_t bits) { return _cvtsh_ss(bits); }
 
-// a in fp16.
+// sum a[i] * b[i], a in fp16 (int4 weights' minimums).
 inline float dot(const uint16_t* a, const float* b, int64_t n) {
   __m256 acc = _mm256_setzero_ps();
   int64_t i = 0;

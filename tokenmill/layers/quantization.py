@@ -58,7 +58,7 @@ def dequantize_int8(weight: Int8Weight) -> torch.Tensor:
     return weight.qweight.float() * weight.scales[:, None]
 
 
-_FP16_MAX = 65504.0
+_FP16_MAX = torch.finfo(torch.float16).max
 _FP16_TINY = 2.0**-24  # the smallest positive fp16: a constant group's scale
 
 
