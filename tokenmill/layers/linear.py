@@ -6,9 +6,8 @@
   integer units, so the kernels round activations: int8 weights meet int16 activations (one scale per row,
   2^-16 of the row's peak), int4 weights meet activations rounded to int8 in groups of 32 (llama.cpp's Q8
   blocks), at every row count, so that a sequence's tokens do not depend on its neighbours in the batch.
-  The perplexity bounds hold. fbgemm's dynamic int8 (int8
-  activations, one scale per tensor) was measured on SmolLM2 and rejected: +41% NLL on a 1k-token text,
-  mostly from down_proj.
+  The perplexity bounds hold. fbgemm's dynamic int8 (int8 activations, one scale per tensor) was measured
+  on SmolLM2 and rejected: +41% NLL on a 1k-token text, mostly from down_proj.
 Without the compiled kernels (see tokenmill.kernels) the quantised layers dequantise, round activations as
 the kernels do, and call F.linear: the same numbers, slower.
 """
