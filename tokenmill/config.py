@@ -60,7 +60,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     speculative: str | None = None  # "ngram:k=4" or "draft=PATH,k=4"; see engine/speculative.py
     quantization: str | None = None  # None (fp32 weights), "int8" or "int4"; see layers/quantization.py
-    quantization_group_size: int = 32  # int4 only: weights per (scale, min) pair
+    # int4 only: weights per (scale, min) pair. Stored per 32 whatever the group (the kernel reads a pair
+    # per 32), so a longer group costs accuracy and saves no bytes: it is kept for compatibility.
+    quantization_group_size: int = 32
     num_threads: int | None = None
     seed: int = 0
     extra: dict = field(default_factory=dict)

@@ -26,8 +26,8 @@ enum class Format : int64_t { kFp32 = 0, kInt8 = 1, kInt4 = 2 };
 
 struct Linear {
   Format format;
-  at::Tensor a, b, c;  // fp32: weight; int8: qweight, scales; int4: packed, scales, mins
-  int64_t group;
+  at::Tensor a, b;  // fp32: weight; int8: qweight, scales; int4: blocks
+  int64_t rows;  // int4: the output rows (blocks pad them to a multiple of eight)
   std::optional<at::Tensor> bias;
 };
 
@@ -45,10 +45,9 @@ class DecodeStack : public torch::CustomClassHolder {
         dense_max_rows_(dense_max_rows) {}
 
   // Linears arrive in layer order, four per layer (qkv, o_proj, gate_up, down), before add_layer.
-  void add_linear(int64_t format, at::Tensor a, at::Tensor b, at::Tensor c, int64_t group,
-                  std::optional<at::Tensor> bias) {
+  void add_linear(int64_t format, at::Tensor a, at::Tensor b, int64_t rows, std::optional<at::Tensor> bias) {
     TORCH_CHECK(format >= 0 && format <= 2, "format must be 0 (fp32), 1 (int8) or 2 (int4)");
-    pending_.push_back({static_cast<Format>(format), a, b, c, group, bias});
+    pending_.push_back({static_cast<Format>(format), a, b, rows, bias});
   }
 
   void add_layer(at::Tensor input_norm, at::Tensor post_norm) {
@@ -117,7 +116,7 @@ class DecodeStack : public torch::CustomClassHolder {
         y = tokenmill::int8_linear(x, l.a, l.b);
         break;
       case Format::kInt4:
-        y = tokenmill::int4_linear(x, l.a, l.b, l.c, l.group);
+        y = tokenmill::int4_linear(x, l.a, l.rows);
         break;
     }
     if (l.bias) y.add_(*l.bias);

@@ -6,17 +6,19 @@
 // Weights still ahead are prefetched into L2 (tokenmill::prefetch_l2).
 //
 // Shape of the work, by the number of input rows M:
-// - One or two rows (decode of one or two sequences; up to kInt8DirectMaxRows / kInt4DirectMaxRows):
-//   memory-bound. Integer dot products along K, four output rows and two input rows at a time, scales applied
-//   to the integer sums: int8 weights widen to int16 in registers and meet activations rounded to int16 (one
-//   scale per row) in vpmaddwd; int4 nibbles meet activations rounded to int8 (one scale per 32) in
-//   vpmaddubsw. fp32 weights run the same shape of dot products with FMAs (up to kFp32OuterMinRows).
+// - int4, any M: integer tiles on panels of eight output rows, stored that way at load (int4_tile): each
+//   output one int32 lane, 4-bit weights meeting activations rounded to int8 (one scale per 32) in
+//   vpmaddubsw. One row is memory-bound, many compute-bound; the same code serves both.
+// - int8 and fp32, one or two rows (decode of one or two sequences; up to kInt8DirectMaxRows, and for fp32
+//   up to kFp32OuterMinRows): memory-bound. Dot products along K, four output rows and two input rows at a
+//   time: int8 weights widen to int16 in registers and meet activations rounded to int16 (one scale per row)
+//   in vpmaddwd, scales applied to the integer sums; fp32 weights run the same shape with FMAs.
 // - More rows: compute-bound, so the multiply units set the pace and every output must stay in a register
 //   for the whole of K. fp32: output rows go sixteen at a time, stored K-major ([k][16], two vectors per k)
 //   in slices of K small enough to stay in L1 between packing and use; each block of up to six input rows
 //   then runs a 6x16 outer-product tile: per k two weight loads, one broadcast per row, twelve FMAs, and no
-//   horizontal sums. int8 and int4: integer tiles on panels of eight output rows repacked as they go (see
-//   int4_tile and int8_tile), the same activation rounding as the direct kernels.
+//   horizontal sums. int8: integer tiles on panels of eight output rows repacked as they go (int8_tile), the
+//   same activation rounding as the direct kernel.
 #include <immintrin.h>
 
 #include <ATen/Parallel.h>
@@ -118,17 +120,6 @@ inline Int16Rows quantize_rows_int16(const float* x, int64_t M, int64_t K) {
   return rows;
 }
 
-// int4's few-row path: activations as int8 in groups of 32 (scale = the group's largest |x| / 127, as
-// llama.cpp's Q8 blocks), so that the unsigned 4-bit weights meet them in vpmaddubsw, which multiplies 32
-// byte pairs and adds neighbours in one instruction. One 32-byte load of packed weights is 64 weights, two
-// groups of 32, and after masking, its low nibbles are weights 0-15 and 32-47, its high nibbles 16-31 and
-// 48-63: each 64 activations are stored in that order. (A last 32 of K, when K % 64 == 32, stays in order.)
-struct Int8Groups {
-  std::vector<int8_t> q;  // [M, K], reordered per 64
-  std::vector<float> scale;  // [M, K / 32]
-  std::vector<float> sums;  // [M, K / group]: the rounded activations summed over each weight group
-};
-
 // 32 values rounded to int8 with one scale, the largest |v| / 127 (vcvtps2dq rounds to nearest even, as
 // torch.round does in the fallback): the bytes in order, the scale, and the sum of the rounded values.
 struct Int8Block {
@@ -148,30 +139,6 @@ inline Int8Block round_block_int8(const float* v) {
       _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3])),
       _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
   return {bytes, largest / 127.f, sum8_epi32(total)};
-}
-
-inline Int8Groups quantize_groups_int8(const float* x, int64_t M, int64_t K, int64_t group) {
-  const int64_t groups = K / group;
-  Int8Groups rows;
-  rows.q.resize(M * K);
-  rows.scale.resize(M * K / 32);
-  rows.sums.assign(M * groups, 0.f);
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t k = 0; k < K; k += 32) {
-      const Int8Block block = round_block_int8(x + m * K + k);
-      int8_t* out = rows.q.data() + m * K + (k / 64) * 64;
-      const int64_t half = (k / 32) % 2;
-      if (k + 32 > K / 64 * 64) {
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), block.bytes);
-      } else {
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16 * half), _mm256_castsi256_si128(block.bytes));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 32 + 16 * half), _mm256_extracti128_si256(block.bytes, 1));
-      }
-      rows.scale[m * K / 32 + k / 32] = block.scale;
-      rows.sums[m * groups + k / group] += block.scale * block.sum;
-    }
-  }
-  return rows;
 }
 
 // int32 sums stay exact over this many weights: per lane and 32 weights, four products of at most
@@ -216,148 +183,11 @@ inline void int8_direct(const int8_t* q, const float* scales, const Int16Rows& x
     UNROLL for (int n = 0; n < kRows; ++n) y[m * N + n] = total[n][m] * scales[n] * x.scale[m0 + m];
 }
 
-// An fp16 value (at::Half's bits) as fp32.
-inline float half_value(uint16_t bits) { return _cvtsh_ss(bits); }
-
-// sum a[i] * b[i], a in fp16 (int4 weights' minimums).
-inline float dot(const uint16_t* a, const float* b, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + i))),
-                          _mm256_loadu_ps(b + i), acc);
-  float total = sum8(acc);
-  for (; i < n; ++i) total += half_value(a[i]) * b[i];
-  return total;
-}
-
-// One 32-byte load of packed weights (64 weights, two groups of 32) against int8 activations, reordered as
-// Int8Groups stores them: lanes 0-3 of the int32 result sum the first group, lanes 4-7 the second.
-// vpmaddubsw's int16 sums stay exact: 2 * 15 * 127 per product pair, two of them added.
-inline __m256i int4_chunk(const uint8_t* packed, const int8_t* x) {
-  const __m256i mask = _mm256_set1_epi8(0x0F);
-  const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed));
-  const __m256i low = _mm256_and_si256(bytes, mask);
-  const __m256i high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);
-  const __m256i products =
-      _mm256_add_epi16(_mm256_maddubs_epi16(low, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
-                       _mm256_maddubs_epi16(high, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32))));
-  return _mm256_madd_epi16(products, _mm256_set1_epi16(1));
-}
-
-// Lanes 0-3 <- v[0], lanes 4-7 <- v[1]: the scales of one chunk's two groups.
-inline __m256 pair_scales(const float* v) {
-  const __m128 pair = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(v)));
-  return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(pair), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
-}
-
-// The same from fp16 (int4 weights' scales and minimums are fp16: at::Half's bits).
-inline __m256 pair_scales(const uint16_t* v) {
-  int32_t bits;
-  std::memcpy(&bits, v, sizeof(bits));
-  const __m128 pair = _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
-  return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(pair), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
-}
-
-// Eight groups' scales in the order int4_direct's three horizontal adds leave their sums:
-// 0, 2, 4, 6, 1, 3, 5, 7.
-inline __m256 block_scales(__m256 v) {
-  return _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
-}
-inline __m256 block_scales(const float* v) { return block_scales(_mm256_loadu_ps(v)); }
-inline __m256 block_scales(const uint16_t* v) {
-  return block_scales(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v))));
-}
-
-// w = q * scale + min per group: sum_k w_k x_k = sum_g scale_g * sum_k q_k x_k + min_g * sum_k x_k, and the
-// second sum is the same for every output row (Int8Groups::sums). The scaling needs the products of each
-// group as one number: with group 32, four chunks' int32 sums fold into eight groups with three horizontal
-// adds, and one multiply and one FMA scale all eight (per chunk, that was the multiply units' bottleneck:
-// 1 row on one core 18 GB/s). Other group sizes, and the chunks left over, scale chunk by chunk.
-template <int MB, bool kGroup32>
-inline void int4_direct(const uint8_t* packed, const uint16_t* scales, const uint16_t* mins, int64_t group,
-                        const Int8Groups& x, int64_t m0, float* y, int64_t N, int64_t K) {
-  const int64_t groups = K / group, full = K / 64, blocks = kGroup32 ? full / 4 : 0;
-  const int8_t* xq = x.q.data() + m0 * K;
-  const float* xs = x.scale.data() + m0 * (K / 32);
-  __m256 acc[kRows][MB];
-  UNROLL for (int n = 0; n < kRows; ++n)
-    UNROLL for (int m = 0; m < MB; ++m) acc[n][m] = _mm256_setzero_ps();
-  // Scales and minimums of the panels ahead, with their weights (a third of the bytes at group 32).
-  UNROLL for (int n = 0; n < kRows; ++n)
-    for (int64_t g = 0; g < groups; g += 32) {
-      prefetch_l2(scales + (n + kAhead) * groups + g);
-      prefetch_l2(mins + (n + kAhead) * groups + g);
-    }
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t k = b * 256;
-    __m256 x_scale[MB];
-    UNROLL for (int m = 0; m < MB; ++m) x_scale[m] = block_scales(xs + m * (K / 32) + 8 * b);
-    UNROLL for (int n = 0; n < kRows; ++n) {
-      const uint8_t* w = packed + n * (K / 2) + k / 2;
-      prefetch_l2(w + kAhead * (K / 2));
-      prefetch_l2(w + kAhead * (K / 2) + 64);
-      const __m256 w_scale = block_scales(scales + n * groups + 8 * b);
-      UNROLL for (int m = 0; m < MB; ++m) {
-        const int8_t* xm = xq + m * K + k;
-        const __m256i low = _mm256_hadd_epi32(int4_chunk(w, xm), int4_chunk(w + 32, xm + 64));
-        const __m256i high = _mm256_hadd_epi32(int4_chunk(w + 64, xm + 128), int4_chunk(w + 96, xm + 192));
-        const __m256 sums = _mm256_cvtepi32_ps(_mm256_hadd_epi32(low, high));
-        acc[n][m] = _mm256_fmadd_ps(sums, _mm256_mul_ps(w_scale, x_scale[m]), acc[n][m]);
-      }
-    }
-  }
-  for (int64_t c = blocks * 4; c < full; ++c) {
-    const int64_t k = c * 64;
-    __m256 x_scale[MB];
-    UNROLL for (int m = 0; m < MB; ++m) x_scale[m] = pair_scales(xs + m * (K / 32) + 2 * c);
-    UNROLL for (int n = 0; n < kRows; ++n) {
-      const uint8_t* w = packed + n * (K / 2) + k / 2;
-      if (c % 2 == 0) prefetch_l2(w + kAhead * (K / 2));
-      const uint16_t* row_scales = scales + n * groups;
-      const __m256 w_scale = kGroup32 ? pair_scales(row_scales + 2 * c)
-                                      : _mm256_set_m128(_mm_set1_ps(half_value(row_scales[(k + 32) / group])),
-                                                        _mm_set1_ps(half_value(row_scales[k / group])));
-      UNROLL for (int m = 0; m < MB; ++m) {
-        const __m256 sums = _mm256_cvtepi32_ps(int4_chunk(w, xq + m * K + k));
-        acc[n][m] = _mm256_fmadd_ps(sums, _mm256_mul_ps(w_scale, x_scale[m]), acc[n][m]);
-      }
-    }
-  }
-  float tail[kRows][MB] = {};
-  if (full * 64 < K) {  // the last 32 weights: one group, 16 bytes, activations in order
-    const int64_t k = full * 64;
-    const __m128i mask = _mm_set1_epi8(0x0F), ones = _mm_set1_epi16(1);
-    UNROLL for (int n = 0; n < kRows; ++n) {
-      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + n * (K / 2) + k / 2));
-      const __m128i low = _mm_and_si128(bytes, mask);
-      const __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-      UNROLL for (int m = 0; m < MB; ++m) {
-        const int8_t* xm = xq + m * K + k;
-        const __m128i products = _mm_add_epi16(
-            _mm_maddubs_epi16(low, _mm_loadu_si128(reinterpret_cast<const __m128i*>(xm))),
-            _mm_maddubs_epi16(high, _mm_loadu_si128(reinterpret_cast<const __m128i*>(xm + 16))));
-        __m128i s = _mm_madd_epi16(products, ones);
-        s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-        s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-        tail[n][m] = static_cast<float>(_mm_cvtsi128_si32(s)) * half_value(scales[n * groups + k / group]) *
-                     xs[m * (K / 32) + k / 32];
-      }
-    }
-  }
-  UNROLL for (int m = 0; m < MB; ++m) {
-    const float* sums = x.sums.data() + (m0 + m) * groups;
-    UNROLL for (int n = 0; n < kRows; ++n)
-      y[m * N + n] = sum8(acc[n][m]) + tail[n][m] + dot(mins + n * groups, sums, groups);
-  }
-}
-
-// Up to this many input rows the direct kernels run (two input rows per pass, the 4-row weight panel re-read
+// Up to this many input rows int8's direct kernel runs (two input rows per pass, the 4-row weight panel re-read
 // from L1); from the next row on, the integer tiles below (activations rounded the same way, so the integer
-// sums are the same). SmolLM2's 120 matmuls, two threads, direct vs tiles: int4 1 row 2.8 vs 3.9 ms, 2 rows
-// 3.8 vs 4.1, 3 rows 5.0 vs 4.7, 8 rows 10.4 vs 7.2; int8 2 rows 4.6 vs 5.3, 3 rows 6.3 vs 5.9, 8 rows
-// 11.6 vs 9.4.
-constexpr int64_t kInt8DirectMaxRows = 2, kInt4DirectMaxRows = 2;
+// sums are the same). SmolLM2's 120 matmuls, two threads, direct vs tiles: 2 rows 4.6 vs 5.3 ms, 3 rows 6.3
+// vs 5.9, 8 rows 11.6 vs 9.4.
+constexpr int64_t kInt8DirectMaxRows = 2;
 
 constexpr int64_t kPanel = 16;  // output rows per panel of fp32's outer-product path: two vectors
 constexpr int64_t kTileRows = 6;  // input rows per tile: 12 accumulators + 2 weights + 1 broadcast registers
@@ -494,7 +324,7 @@ at::Tensor check_input(const at::Tensor& x, int64_t K) {
   return x.contiguous();
 }
 
-// prepare(x, M, K) rounds the activations for the direct path (int8: Int16Rows; int4: Int8Groups);
+// prepare(x, M, K) rounds the activations for the direct path (Int16Rows);
 // direct(n0, rows, m0, y, MB) multiplies one 4-row weight panel by prepared rows m0 .. m0 + MB - 1 (MB <= 2);
 // more rows than direct_max_rows go to many(x, M, y), the format's tiles.
 template <typename Prepare, typename Direct, typename Many>
@@ -519,13 +349,15 @@ at::Tensor quantized_linear(const at::Tensor& x_in, int64_t N, int64_t K, int64_
   return y;
 }
 
-// int4's many-row path: integer tiles. Many rows make the multiply units the limit, and at 64 rows the fp32
-// tiles above already run at the two cores' FMA peak. vpmaddubsw does 32 byte products (and adds pairs) per
-// instruction against an FMA's 8; with 4-bit weights a pair is at most 2 x 15 x 127, so eight of them add up
-// in int16 before one vpmaddwd widens a block of 32 to int32, and no horizontal sum is needed: a panel holds
-// eight output rows, and for each 4 values of k one 32-byte vector has their eight rows' four weights, met by
-// the input row's four activations broadcast. The activations are int8 per 32 in order (the decode kernel's
-// rounding: the same integer sums at every row count).
+// int4: integer tiles at every row count. vpmaddubsw does 32 byte products (and adds pairs) per instruction
+// against an FMA's 8; with 4-bit weights a pair is at most 2 x 15 x 127, so eight of them add up in int16
+// before one vpmaddwd widens a block of 32 to int32. The weights are stored as the tiles read them
+// (quantization.py's INT4_UNIT): a panel of eight output rows, and per block of 32 inputs four 32-byte vectors,
+// vector j holding each row's packed bytes 4j .. 4j + 3 (weights 4j .. 4j + 3 in the low nibbles, 4j + 16 ..
+// 4j + 19 in the high ones; row r at bytes 4r .. 4r + 3), then the eight rows' fp16 scales and minimums. The
+// input row's four activations broadcast meet a vector, and each int32 lane is one output: no horizontal
+// sums, no repacking, and one sequential stream of bytes per thread. The activations are int8 per 32 in order
+// (`round_activations_int8_groups` in the fallback), the same sums at every row count.
 struct Int8Blocks {
   std::vector<int8_t> q;  // [M, K]
   std::vector<float> scale;  // [M, K / 32]
@@ -550,44 +382,10 @@ inline Int8Blocks quantize_blocks_int8(const float* x, int64_t M, int64_t K) {
 }
 
 constexpr int64_t kInt4Panel = 8;  // output rows per integer panel: one int32 lane each
-
-// A panel of int4 rows n0 .. n0 + width - 1 over all of K, per block of 32: four 32-byte vectors (vector j:
-// each row's bytes 4j .. 4j + 3, i.e. weights 4j .. 4j + 3 in the low nibbles and 4j + 16 .. 4j + 19 in the
-// high ones, row r at bytes 4r .. 4r + 3), then the rows' 8 scales and 8 minimums. Rows past `width` are zero.
-inline void pack_int4_panel(const uint8_t* packed, const uint16_t* scales, const uint16_t* mins, int64_t group,
-                            int64_t K, int64_t width, uint8_t* weights, float* factors) {
-  const int64_t groups = K / group;
-  for (int64_t b = 0; b < K / 32; ++b) {
-    if (b % 4 == 0) {  // the next panel's rows, 64 bytes (four blocks) at a time: weights stream from memory
-      UNROLL for (int n = 0; n < kInt4Panel; ++n) prefetch_l2(packed + (n + kInt4Panel) * (K / 2) + 16 * b);
-    }
-    if (b % 32 == 0) {
-      UNROLL for (int n = 0; n < kInt4Panel; ++n) {
-        prefetch_l2(scales + (n + kInt4Panel) * groups + b * 32 / group);
-        prefetch_l2(mins + (n + kInt4Panel) * groups + b * 32 / group);
-      }
-    }
-    __m128i r[kInt4Panel];
-    UNROLL for (int n = 0; n < kInt4Panel; ++n)
-      r[n] = n < width ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + n * (K / 2) + 16 * b))
-                       : _mm_setzero_si128();
-    // An 8 x 4 transpose of 4-byte words: rows 0-3 in the low 128 bits, rows 4-7 in the high.
-    const __m256i a0 = _mm256_set_m128i(r[4], r[0]), a1 = _mm256_set_m128i(r[5], r[1]);
-    const __m256i a2 = _mm256_set_m128i(r[6], r[2]), a3 = _mm256_set_m128i(r[7], r[3]);
-    const __m256i t0 = _mm256_unpacklo_epi32(a0, a1), t1 = _mm256_unpackhi_epi32(a0, a1);
-    const __m256i t2 = _mm256_unpacklo_epi32(a2, a3), t3 = _mm256_unpackhi_epi32(a2, a3);
-    __m256i* out = reinterpret_cast<__m256i*>(weights + 128 * b);
-    _mm256_store_si256(out, _mm256_unpacklo_epi64(t0, t2));
-    _mm256_store_si256(out + 1, _mm256_unpackhi_epi64(t0, t2));
-    _mm256_store_si256(out + 2, _mm256_unpacklo_epi64(t1, t3));
-    _mm256_store_si256(out + 3, _mm256_unpackhi_epi64(t1, t3));
-    const int64_t g = b * 32 / group;
-    for (int64_t n = 0; n < kInt4Panel; ++n) {
-      factors[16 * b + n] = n < width ? half_value(scales[n * groups + g]) : 0.f;
-      factors[16 * b + 8 + n] = n < width ? half_value(mins[n * groups + g]) : 0.f;
-    }
-  }
-}
+constexpr int64_t kInt4Unit = 160;  // bytes per panel and block of 32 inputs: 128 of weights, 16 + 16 of fp16
+// Software prefetch distance along a thread's stream of units (its panels are consecutive in memory): SmolLM2's
+// 120 one-row matmuls, cold, 1.5 KB 3.4 ms, 3 KB 2.5, 4 KB 2.3, 6-12 KB 1.9-2.1.
+constexpr int64_t kInt4Ahead = 6144;
 
 inline __m256i broadcast4(const void* p) {
   int32_t word;
@@ -595,43 +393,72 @@ inline __m256i broadcast4(const void* p) {
   return _mm256_set1_epi32(word);
 }
 
-// MB input rows (from m0) times one packed panel; y points at output (m0, n0).
+inline __m256 load_halves(const uint8_t* p) {
+  return _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// MB input rows (from m0) times one panel of `blocks` units; y points at output (m0, n0). `stream`: the panel
+// comes from memory (the first tile of a panel): prefetch the units ahead.
 template <int MB>
-inline void int4_tile(const uint8_t* weights, const float* factors, const Int8Blocks& x, int64_t m0, int64_t K,
-                      float* y, int64_t N, int64_t width) {
+inline void int4_tile(const uint8_t* panel, const float* factors, int64_t blocks, const Int8Blocks& x, int64_t m0,
+                      float* y, int64_t N, int64_t width, bool stream) {
   const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  const int64_t blocks = K / 32;
+  const int64_t K = blocks * 32;
   const int8_t* xq = x.q.data() + m0 * K;
   const float* xs = x.scale.data() + m0 * blocks;
   const float* xo = x.offset.data() + m0 * blocks;
-  __m256 acc[MB];
+  // With one or two rows the minimums' FMAs go to an accumulator of their own, two short dependency chains
+  // instead of one long one; more rows have the registers only for one.
+  constexpr bool kSplit = MB <= 2;
+  __m256 acc[MB], low_acc[kSplit ? MB : 1];
   UNROLL for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
+  if constexpr (kSplit) UNROLL for (int m = 0; m < MB; ++m) low_acc[m] = _mm256_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* unit = panel + kInt4Unit * b;
+    if (stream) {
+      prefetch_l2(unit + kInt4Ahead);
+      prefetch_l2(unit + kInt4Ahead + 64);
+      prefetch_l2(unit + kInt4Ahead + 128);
+    }
     __m256i sums[MB];
-    UNROLL for (int j = 0; j < 4; ++j) {
-      const __m256i bytes = _mm256_load_si256(reinterpret_cast<const __m256i*>(weights + 128 * b + 32 * j));
+    UNROLL for (int m = 0; m < MB; ++m) sums[m] = _mm256_setzero_si256();
+    const auto quarter = [&](int j) {  // weights 4j .. 4j + 3 and 4j + 16 .. 4j + 19 of the block
+      const __m256i bytes = _mm256_load_si256(reinterpret_cast<const __m256i*>(unit + 32 * j));
       const __m256i low = _mm256_and_si256(bytes, mask);
       const __m256i high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);
       UNROLL for (int m = 0; m < MB; ++m) {
         const int8_t* xm = xq + m * K + 32 * b + 4 * j;
         const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(low, broadcast4(xm)),
                                            _mm256_maddubs_epi16(high, broadcast4(xm + 16)));
-        sums[m] = j == 0 ? p : _mm256_add_epi16(sums[m], p);
+        sums[m] = _mm256_add_epi16(sums[m], p);
       }
+    };
+    // Unrolled for one or two rows; not for more, where GCC hoists the four vectors' loads and spills
+    // accumulators (measured -20% at 4 rows; a compiler barrier between the quarters was slower still).
+    if constexpr (MB <= 2) {
+      quarter(0), quarter(1), quarter(2), quarter(3);
+    } else {
+      _Pragma("GCC unroll 1") for (int j = 0; j < 4; ++j) quarter(j);
     }
-    const __m256 scale = _mm256_load_ps(factors + 16 * b), low = _mm256_load_ps(factors + 16 * b + 8);
+    // Many rows: the panel's scales and minimums in fp32, converted once (`factors`); one or two: from the unit.
+    const __m256 scale = factors ? _mm256_load_ps(factors + 16 * b) : load_halves(unit + 128);
+    const __m256 minimum = factors ? _mm256_load_ps(factors + 16 * b + 8) : load_halves(unit + 144);
     UNROLL for (int m = 0; m < MB; ++m) {
       const __m256 total = _mm256_cvtepi32_ps(_mm256_madd_epi16(sums[m], ones));
       acc[m] = _mm256_fmadd_ps(total, _mm256_mul_ps(scale, _mm256_broadcast_ss(xs + m * blocks + b)), acc[m]);
-      acc[m] = _mm256_fmadd_ps(low, _mm256_broadcast_ss(xo + m * blocks + b), acc[m]);
+      const __m256 offset = _mm256_broadcast_ss(xo + m * blocks + b);
+      if constexpr (kSplit) low_acc[m] = _mm256_fmadd_ps(minimum, offset, low_acc[m]);
+      else acc[m] = _mm256_fmadd_ps(minimum, offset, acc[m]);
     }
   }
   UNROLL for (int m = 0; m < MB; ++m) {
+    __m256 out = acc[m];
+    if constexpr (kSplit) out = _mm256_add_ps(out, low_acc[m]);
     if (width == kInt4Panel) {
-      _mm256_storeu_ps(y + m * N, acc[m]);
+      _mm256_storeu_ps(y + m * N, out);
     } else {
       alignas(32) float row[kInt4Panel];
-      _mm256_store_ps(row, acc[m]);
+      _mm256_store_ps(row, out);
       std::memcpy(y + m * N, row, width * sizeof(float));
     }
   }
@@ -639,25 +466,28 @@ inline void int4_tile(const uint8_t* weights, const float* factors, const Int8Bl
 
 constexpr int64_t kInt4TileRows = 4;  // 4, 5 and 6 measured alike; 3 ~30% slower
 
-inline void int4_tiles(const uint8_t* packed, const uint16_t* scales, const uint16_t* mins, int64_t group,
-                       const Int8Blocks& x, int64_t M, int64_t N, int64_t K, float* y) {
-  const int64_t groups = K / group;
+// Threads split the panels; each panel meets the rows kInt4TileRows at a time while it sits in L1.
+inline void int4_tiles(const uint8_t* units, const Int8Blocks& x, int64_t M, int64_t N, int64_t K, float* y) {
+  const int64_t blocks = K / 32;
   at::parallel_for(0, (N + kInt4Panel - 1) / kInt4Panel, 1, [&](int64_t begin, int64_t end) {
-    std::vector<uint8_t> weight_storage(K * kInt4Panel / 2 + 32);
-    std::vector<float> factor_storage(K / 2 + 8);
-    uint8_t* weights = weight_storage.data() + (-reinterpret_cast<uintptr_t>(weight_storage.data())) % 32;
-    float* factors = factor_storage.data() + (-reinterpret_cast<uintptr_t>(factor_storage.data()) / 4) % 8;
+    std::vector<float> storage(M > 2 ? blocks * 16 + 8 : 0);
+    float* factors = M > 2 ? storage.data() + (-reinterpret_cast<uintptr_t>(storage.data()) / 4) % 8 : nullptr;
     for (int64_t p = begin; p < end; ++p) {
+      const uint8_t* panel = units + p * blocks * kInt4Unit;
       const int64_t n0 = p * kInt4Panel, width = std::min(kInt4Panel, N - n0);
-      pack_int4_panel(packed + n0 * (K / 2), scales + n0 * groups, mins + n0 * groups, group, K, width, weights,
-                      factors);
+      if (factors) {
+        for (int64_t b = 0; b < blocks; ++b) {
+          _mm256_store_ps(factors + 16 * b, load_halves(panel + kInt4Unit * b + 128));
+          _mm256_store_ps(factors + 16 * b + 8, load_halves(panel + kInt4Unit * b + 144));
+        }
+      }
       int64_t m = 0;
       for (; m + kInt4TileRows <= M; m += kInt4TileRows)
-        int4_tile<kInt4TileRows>(weights, factors, x, m, K, y + m * N + n0, N, width);
+        int4_tile<kInt4TileRows>(panel, factors, blocks, x, m, y + m * N + n0, N, width, m == 0);
       switch (M - m) {
-        case 3: int4_tile<3>(weights, factors, x, m, K, y + m * N + n0, N, width); break;
-        case 2: int4_tile<2>(weights, factors, x, m, K, y + m * N + n0, N, width); break;
-        case 1: int4_tile<1>(weights, factors, x, m, K, y + m * N + n0, N, width); break;
+        case 3: int4_tile<3>(panel, factors, blocks, x, m, y + m * N + n0, N, width, m == 0); break;
+        case 2: int4_tile<2>(panel, factors, blocks, x, m, y + m * N + n0, N, width, m == 0); break;
+        case 1: int4_tile<1>(panel, factors, blocks, x, m, y + m * N + n0, N, width, m == 0); break;
         default: break;
       }
     }
@@ -768,37 +598,19 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
       [&](const float* xp, int64_t M, float* yp) { int8_tiles(q, s, quantize_rows_int16(xp, M, K), M, N, K, yp); });
 }
 
-// Few rows: the direct kernel on the packed rows; many: integer tiles on panels repacked as they go.
-at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& scales,
-                       const at::Tensor& mins, int64_t group) {
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed must be contiguous uint8");
-  TORCH_CHECK(group % 32 == 0, "group must be a multiple of 32");
-  const int64_t N = packed.size(0), K = packed.size(1) * 2;
-  TORCH_CHECK(scales.is_contiguous() && mins.is_contiguous() && scales.scalar_type() == at::kHalf &&
-                  mins.scalar_type() == at::kHalf && scales.numel() == N * (K / group) &&
-                  mins.numel() == scales.numel(),
-              "scales/mins must be [N, K / group] fp16");
-  const uint8_t* q = packed.data_ptr<uint8_t>();
-  const auto* s = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
-  const auto* z = reinterpret_cast<const uint16_t*>(mins.data_ptr<at::Half>());
-  const int64_t groups = K / group;
-  return quantized_linear(
-      x_in, N, K, kInt4DirectMaxRows,
-      [&](const float* xp, int64_t M, int64_t K) { return quantize_groups_int8(xp, M, K, group); },
-      [&](int64_t n0, const Int8Groups& rows, int64_t m0, float* yp, int64_t M) {
-        const uint8_t* panel = q + n0 * (K / 2);
-        const uint16_t *panel_scales = s + n0 * groups, *panel_mins = z + n0 * groups;
-        if (group == 32) {
-          if (M == 1) int4_direct<1, true>(panel, panel_scales, panel_mins, group, rows, m0, yp, N, K);
-          else int4_direct<2, true>(panel, panel_scales, panel_mins, group, rows, m0, yp, N, K);
-        } else {
-          if (M == 1) int4_direct<1, false>(panel, panel_scales, panel_mins, group, rows, m0, yp, N, K);
-          else int4_direct<2, false>(panel, panel_scales, panel_mins, group, rows, m0, yp, N, K);
-        }
-      },
-      [&](const float* xp, int64_t M, float* yp) {
-        int4_tiles(q, s, z, group, quantize_blocks_int8(xp, M, K), M, N, K, yp);
-      });
+// blocks: quantization.py's Int4Weight.blocks, uint8 [ceil(N / 8), K / 32, 160]; N: the output rows.
+at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& blocks, int64_t N) {
+  TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.is_contiguous() && blocks.dim() == 3 &&
+                  blocks.size(2) == kInt4Unit && N > 0 && blocks.size(0) == (N + kInt4Panel - 1) / kInt4Panel,
+              "blocks must be contiguous uint8 [ceil(N / 8), K / 32, 160]");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(blocks.data_ptr()) % 32 == 0, "blocks must be 32-byte aligned");
+  const int64_t K = blocks.size(1) * 32;
+  at::Tensor x = check_input(x_in, K);
+  const int64_t M = x.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M > 0) int4_tiles(blocks.data_ptr<uint8_t>(), quantize_blocks_int8(x.data_ptr<float>(), M, K), M, N, K,
+                        y.data_ptr<float>());
+  return y;
 }
 
 // fp32 weights need no decoding: for one or two rows the dot tiles read them straight from memory; for
@@ -836,7 +648,7 @@ at::Tensor fp32_linear(const at::Tensor& x_in, const at::Tensor& weight) {
 
 TORCH_LIBRARY(tokenmill, m) {
   m.def("int8_linear(Tensor x, Tensor qweight, Tensor scales) -> Tensor");
-  m.def("int4_linear(Tensor x, Tensor packed, Tensor scales, Tensor mins, int group) -> Tensor");
+  m.def("int4_linear(Tensor x, Tensor blocks, int rows) -> Tensor");
   m.def("fp32_linear(Tensor x, Tensor weight) -> Tensor");
 }
 

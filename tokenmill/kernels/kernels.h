@@ -7,8 +7,7 @@ namespace tokenmill {
 
 at::Tensor fp32_linear(const at::Tensor& x, const at::Tensor& weight);
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales);
-at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
-                       const at::Tensor& mins, int64_t group);
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t rows);
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 at::Tensor add_rms_norm_(at::Tensor hidden, const at::Tensor& delta, const at::Tensor& weight, double eps);
 void rotary_(at::Tensor q, at::Tensor k, const at::Tensor& cos, const at::Tensor& sin);

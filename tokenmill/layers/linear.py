@@ -119,11 +119,10 @@ class Int4Linear(_QuantizedLinear):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, group: int = 32) -> None:
         self.quantized = quantize_int4(weight, group)
         self.bias = bias
-        self.use_kernel = weight.shape[0] % 4 == 0 and kernels_available()
+        self.use_kernel = kernels_available()
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
-        q = self.quantized
-        return torch.ops.tokenmill.int4_linear(x, q.packed, q.scales, q.mins, q.group)
+        return torch.ops.tokenmill.int4_linear(x, self.quantized.blocks, self.quantized.rows)
 
     def _dequantize(self) -> torch.Tensor:
         return dequantize_int4(self.quantized)

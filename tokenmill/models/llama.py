@@ -172,13 +172,12 @@ class LlamaModel:
         return self.lm_head(hidden)
 
 
-def _stack_arguments(linear: Linear) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """(format, tensors, group) as DecodeStack.add_linear takes them; unused slots hold an empty tensor."""
+def _stack_arguments(linear: Linear) -> tuple[int, torch.Tensor, torch.Tensor, int]:
+    """(format, tensors, rows) as DecodeStack.add_linear takes them; an unused slot holds an empty tensor."""
     empty = torch.empty(0)
     if isinstance(linear, Int8Linear):
-        return 1, linear.quantized.qweight, linear.quantized.scales, empty, 0
+        return 1, linear.quantized.qweight, linear.quantized.scales, 0
     if isinstance(linear, Int4Linear):
-        q = linear.quantized
-        return 2, q.packed, q.scales, q.mins, q.group
+        return 2, linear.quantized.blocks, empty, linear.quantized.rows
     assert isinstance(linear, DenseLinear)
-    return 0, linear.weight, empty, empty, 0
+    return 0, linear.weight, empty, 0
