@@ -466,29 +466,36 @@ inline void int4_tile(const uint8_t* panel, const float* factors, int64_t blocks
 
 constexpr int64_t kInt4TileRows = 4;  // 4, 5 and 6 measured alike; 3 ~30% slower
 
+// Rows per pass over a thread's panels: a pass's activations (K bytes and K / 4 of scales per row) stay in L2
+// while every panel meets them.
+constexpr int64_t kInt4RowChunk = 256;  // 128 measured alike; without chunks 1024 rows ran ~5% slower
+
 // Threads split the panels; each panel meets the rows kInt4TileRows at a time while it sits in L1.
 inline void int4_tiles(const uint8_t* units, const Int8Blocks& x, int64_t M, int64_t N, int64_t K, float* y) {
   const int64_t blocks = K / 32;
   at::parallel_for(0, (N + kInt4Panel - 1) / kInt4Panel, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> storage(M > 2 ? blocks * 16 + 8 : 0);
     float* factors = M > 2 ? storage.data() + (-reinterpret_cast<uintptr_t>(storage.data()) / 4) % 8 : nullptr;
-    for (int64_t p = begin; p < end; ++p) {
-      const uint8_t* panel = units + p * blocks * kInt4Unit;
-      const int64_t n0 = p * kInt4Panel, width = std::min(kInt4Panel, N - n0);
-      if (factors) {
-        for (int64_t b = 0; b < blocks; ++b) {
-          _mm256_store_ps(factors + 16 * b, load_halves(panel + kInt4Unit * b + 128));
-          _mm256_store_ps(factors + 16 * b + 8, load_halves(panel + kInt4Unit * b + 144));
+    for (int64_t m0 = 0; m0 < M; m0 += kInt4RowChunk) {
+      const int64_t m1 = std::min(M, m0 + kInt4RowChunk);
+      for (int64_t p = begin; p < end; ++p) {
+        const uint8_t* panel = units + p * blocks * kInt4Unit;
+        const int64_t n0 = p * kInt4Panel, width = std::min(kInt4Panel, N - n0);
+        if (factors) {
+          for (int64_t b = 0; b < blocks; ++b) {
+            _mm256_store_ps(factors + 16 * b, load_halves(panel + kInt4Unit * b + 128));
+            _mm256_store_ps(factors + 16 * b + 8, load_halves(panel + kInt4Unit * b + 144));
+          }
         }
-      }
-      int64_t m = 0;
-      for (; m + kInt4TileRows <= M; m += kInt4TileRows)
-        int4_tile<kInt4TileRows>(panel, factors, blocks, x, m, y + m * N + n0, N, width, m == 0);
-      switch (M - m) {
-        case 3: int4_tile<3>(panel, factors, blocks, x, m, y + m * N + n0, N, width, m == 0); break;
-        case 2: int4_tile<2>(panel, factors, blocks, x, m, y + m * N + n0, N, width, m == 0); break;
-        case 1: int4_tile<1>(panel, factors, blocks, x, m, y + m * N + n0, N, width, m == 0); break;
-        default: break;
+        int64_t m = m0;
+        for (; m + kInt4TileRows <= m1; m += kInt4TileRows)
+          int4_tile<kInt4TileRows>(panel, factors, blocks, x, m, y + m * N + n0, N, width, m == m0);
+        switch (m1 - m) {
+          case 3: int4_tile<3>(panel, factors, blocks, x, m, y + m * N + n0, N, width, m == m0); break;
+          case 2: int4_tile<2>(panel, factors, blocks, x, m, y + m * N + n0, N, width, m == m0); break;
+          case 1: int4_tile<1>(panel, factors, blocks, x, m, y + m * N + n0, N, width, m == m0); break;
+          default: break;
+        }
       }
     }
   });
