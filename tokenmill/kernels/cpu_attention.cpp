@@ -189,32 +189,27 @@ void in_head_groups(int64_t G, Run run) {
 
 namespace tokenmill {
 
-// q [B, Hq, D] fp32; caches [slots, Hkv, D], fp32 or fp16; block_tables [B, W] (int64); lengths [B]: context
-// length per row, the current token included (its K/V are already in the cache). Returns [B, Hq, D].
-at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                  const at::Tensor& block_tables, const at::Tensor& lengths, int64_t block_size,
-                                  double scale) {
-  TORCH_CHECK(q.scalar_type() == at::kFloat && q.dim() == 3 && q.stride(2) == 1, "q must be fp32 [B, Hq, D]");
-  const bool half = k_cache.scalar_type() == at::kHalf;
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() &&
-                  (half || k_cache.scalar_type() == at::kFloat) && v_cache.scalar_type() == k_cache.scalar_type() &&
-                  k_cache.sizes() == v_cache.sizes(),
-              "caches must be contiguous fp32 or fp16 [slots, Hkv, D], both alike");
+// The query of row b, head j at qp + b * q_row + j * q_head (D contiguous fp32); keys and values: caches
+// [slots, Hkv, D], fp32 or (half) fp16 bits; block_tables [B, W] (int64); lengths [B]: context length per row,
+// the current token included (its K/V are already in the cache). Returns [B, Hq * D]. The decode step
+// (cpu_decode.cpp) passes its fused QKV output's rows and its cache's layers as they are: views of them
+// would cost about a microsecond each.
+at::Tensor paged_decode_attention_rows(const float* qp, int64_t q_row, int64_t q_head, int64_t B, int64_t Hq,
+                                       int64_t D, const void* keys, const void* values, bool half, int64_t slots,
+                                       int64_t Hkv, const at::Tensor& block_tables, const at::Tensor& lengths,
+                                       int64_t block_size, double scale) {
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.is_contiguous() &&
                   lengths.scalar_type() == at::kLong && lengths.is_contiguous(),
               "block_tables and lengths must be contiguous int64");
-  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k_cache.size(1);
-  TORCH_CHECK(k_cache.size(2) == D && Hq % Hkv == 0, "head sizes do not match");
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "query heads must be a multiple of KV heads");
   TORCH_CHECK(block_tables.size(0) == B && lengths.numel() == B, "one block table and length per row");
-  const int64_t G = Hq / Hkv, W = block_tables.size(1), slots = k_cache.size(0);
+  const int64_t G = Hq / Hkv, W = block_tables.size(1);
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = lengths.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(lens[b] >= 1 && lens[b] <= W * block_size, "context length outside the block table");
-  at::Tensor out = at::empty({B, Hq, D}, q.options());
-  const float* qp = q.data_ptr<float>();
+  at::Tensor out = at::empty({B, Hq * D}, block_tables.options().dtype(at::kFloat));
   float* op = out.data_ptr<float>();
-  const int64_t q_row = q.stride(0), q_head = q.stride(1);
   const float factor = static_cast<float>(scale);
   // One item per (sequence, KV head, part of the context), all its query heads at once. A batch of one has
   // three (sequence, KV head) pairs for two threads: contexts then split into parts (of at least kMinPart
@@ -295,10 +290,9 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
     });
   };
   if (half) {
-    attend(reinterpret_cast<const uint16_t*>(k_cache.data_ptr<at::Half>()),
-           reinterpret_cast<const uint16_t*>(v_cache.data_ptr<at::Half>()));
+    attend(static_cast<const uint16_t*>(keys), static_cast<const uint16_t*>(values));
   } else {
-    attend(k_cache.data_ptr<float>(), v_cache.data_ptr<float>());
+    attend(static_cast<const float*>(keys), static_cast<const float*>(values));
   }
   for (int64_t row = 0; row < B * Hq && parts > 1; ++row) {
     const Exps* exps = part_exps.data() + row * parts;
@@ -318,6 +312,25 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
     for (int64_t d = 0; d < D; ++d) dest[d] *= inverse;
   }
   return out;
+}
+
+// q [B, Hq, D] fp32 (rows and heads may be strided, each head's D values contiguous); caches [slots, Hkv, D],
+// fp32 or fp16, both alike. Returns [B, Hq, D].
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& block_tables, const at::Tensor& lengths, int64_t block_size,
+                                  double scale) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && q.dim() == 3 && q.stride(2) == 1, "q must be fp32 [B, Hq, D]");
+  const bool half = k_cache.scalar_type() == at::kHalf;
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  (half || k_cache.scalar_type() == at::kFloat) && v_cache.scalar_type() == k_cache.scalar_type() &&
+                  k_cache.sizes() == v_cache.sizes() && k_cache.dim() == 3,
+              "caches must be contiguous fp32 or fp16 [slots, Hkv, D], both alike");
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  TORCH_CHECK(k_cache.size(2) == D, "head sizes do not match");
+  return paged_decode_attention_rows(q.data_ptr<float>(), q.stride(0), q.stride(1), B, Hq, D, k_cache.data_ptr(),
+                                     v_cache.data_ptr(), half, k_cache.size(0), k_cache.size(1), block_tables,
+                                     lengths, block_size, scale)
+      .view({B, Hq, D});
 }
 
 }  // namespace tokenmill

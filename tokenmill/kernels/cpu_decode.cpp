@@ -64,6 +64,7 @@ class DecodeStack : public torch::CustomClassHolder {
                  at::Tensor final_norm, at::Tensor slot_copies) {
     const int64_t T = hidden.size(0), q_size = heads_ * head_dim_, kv_size = kv_heads_ * head_dim_;
     TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.is_contiguous() && kv_cache.size(0) == (int64_t)layers_.size() &&
+                    kv_cache.size(1) == 2 &&
                     kv_cache.size(3) == kv_heads_ && kv_cache.size(4) == head_dim_ &&
                     (kv_cache.scalar_type() == at::kFloat || kv_cache.scalar_type() == at::kHalf),
                 "kv_cache must be contiguous fp32 or fp16 [layers, 2, slots, Hkv, D]");
@@ -80,20 +81,31 @@ class DecodeStack : public torch::CustomClassHolder {
     const int64_t copies = slot_copies.numel() / 2;
     const int64_t* copy = slot_copies.data_ptr<int64_t>();
     for (int64_t e = 0; e < 2 * copies; ++e) TORCH_CHECK(copy[e] >= 0 && copy[e] < slots, "copy slot out of range");
+    TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.scalar_type() == at::kFloat &&
+                    sin.scalar_type() == at::kFloat && cos.numel() == T * (head_dim_ / 2) &&
+                    sin.numel() == cos.numel(),
+                "cos/sin must be contiguous fp32 [T, D / 2]");
+    const float *cos_rows = cos.data_ptr<float>(), *sin_rows = sin.data_ptr<float>();
+    const bool half = kv_cache.scalar_type() == at::kHalf;
+    const int64_t layer_bytes = 2 * slots * kv_size * kv_cache.element_size();
+    char* cache_base = static_cast<char*>(kv_cache.data_ptr());
     for (size_t index = 0; index < layers_.size(); ++index) {
       const Layer& layer = layers_[index];
+      // Rows of the fused projection are [q | k | v]; rotary, the cache writes and attention work on them in
+      // place, through pointers: tensor views cost about a microsecond each, a few per layer.
       at::Tensor qkv = linear(x, layer.qkv);
-      at::Tensor q = qkv.narrow(1, 0, q_size).view({T, heads_, head_dim_});
-      at::Tensor k = qkv.narrow(1, q_size, kv_size).view({T, kv_heads_, head_dim_});
-      tokenmill::rotary_(q, k, cos, sin);
-      at::Tensor k_cache = kv_cache.select(0, index).select(0, 0);
-      at::Tensor v_cache = kv_cache.select(0, index).select(0, 1);
-      write_cache(qkv, q_size, kv_size, slot, T, k_cache, v_cache);
-      copy_slots(copy, copies, kv_size, k_cache, v_cache);
-      at::Tensor attended = tokenmill::paged_decode_attention(q, k_cache, v_cache, block_tables, lengths,
-                                                              block_size, scale_);
-      x = tokenmill::add_rms_norm_(hidden, linear(attended.view({T, q_size}), layer.o_proj), layer.post_norm,
-                                   eps_);
+      float* rows = qkv.data_ptr<float>();
+      const int64_t stride = qkv.stride(0);
+      tokenmill::rotate_rows(rows, T, stride, heads_, head_dim_, head_dim_, cos_rows, sin_rows);
+      tokenmill::rotate_rows(rows + q_size, T, stride, kv_heads_, head_dim_, head_dim_, cos_rows, sin_rows);
+      char* keys = cache_base + index * layer_bytes;  // this layer's [slots, Hkv, D], then its values
+      char* values = keys + layer_bytes / 2;
+      write_cache(rows, stride, q_size, kv_size, slot, T, half, keys, values);
+      copy_slots(copy, copies, kv_size * kv_cache.element_size(), keys, values);
+      at::Tensor attended = tokenmill::paged_decode_attention_rows(rows, stride, head_dim_, T, heads_, head_dim_,
+                                                                   keys, values, half, slots, kv_heads_,
+                                                                   block_tables, lengths, block_size, scale_);
+      x = tokenmill::add_rms_norm_(hidden, linear(attended, layer.o_proj), layer.post_norm, eps_);
       const at::Tensor& next_norm = index + 1 < layers_.size() ? layers_[index + 1].input_norm : final_norm;
       at::Tensor mlp = linear(tokenmill::silu_mul(linear(x, layer.gate_up)), layer.down);
       x = tokenmill::add_rms_norm_(hidden, mlp, next_norm, eps_);
@@ -125,19 +137,17 @@ class DecodeStack : public torch::CustomClassHolder {
 
   // The fresh K and V rows (columns q_size.. of the fused projection) into their cache slots, rounded to
   // fp16 (as torch's conversion: to nearest even) if the cache is.
-  void write_cache(const at::Tensor& qkv, int64_t q_size, int64_t kv_size, const int64_t* slot, int64_t T,
-                   at::Tensor& k_cache, at::Tensor& v_cache) const {
-    const float* rows = qkv.data_ptr<float>();
-    const int64_t stride = qkv.stride(0);
+  void write_cache(const float* rows, int64_t stride, int64_t q_size, int64_t kv_size, const int64_t* slot,
+                   int64_t T, bool half, char* keys, char* values) const {
     for (int64_t t = 0; t < T; ++t) {
       const float* key = rows + t * stride + q_size;
       const float* value = key + kv_size;
-      if (k_cache.scalar_type() == at::kHalf) {
-        to_half(key, k_cache.data_ptr<at::Half>() + slot[t] * kv_size, kv_size);
-        to_half(value, v_cache.data_ptr<at::Half>() + slot[t] * kv_size, kv_size);
+      if (half) {
+        to_half(key, reinterpret_cast<at::Half*>(keys) + slot[t] * kv_size, kv_size);
+        to_half(value, reinterpret_cast<at::Half*>(values) + slot[t] * kv_size, kv_size);
       } else {
-        std::memcpy(k_cache.data_ptr<float>() + slot[t] * kv_size, key, kv_size * sizeof(float));
-        std::memcpy(v_cache.data_ptr<float>() + slot[t] * kv_size, value, kv_size * sizeof(float));
+        std::memcpy(reinterpret_cast<float*>(keys) + slot[t] * kv_size, key, kv_size * sizeof(float));
+        std::memcpy(reinterpret_cast<float*>(values) + slot[t] * kv_size, value, kv_size * sizeof(float));
       }
     }
   }
@@ -150,11 +160,8 @@ class DecodeStack : public torch::CustomClassHolder {
     for (; i < n; ++i) out[i] = static_cast<at::Half>(in[i]);
   }
 
-  void copy_slots(const int64_t* copy, int64_t copies, int64_t kv_size, at::Tensor& k_cache,
-                  at::Tensor& v_cache) const {
-    const int64_t bytes = kv_size * k_cache.element_size();
-    char* keys = static_cast<char*>(k_cache.data_ptr());
-    char* values = static_cast<char*>(v_cache.data_ptr());
+  // bytes: one slot's K (or V) row.
+  static void copy_slots(const int64_t* copy, int64_t copies, int64_t bytes, char* keys, char* values) {
     for (int64_t e = 0; e < copies; ++e) {
       std::memcpy(keys + copy[2 * e + 1] * bytes, keys + copy[2 * e] * bytes, bytes);
       std::memcpy(values + copy[2 * e + 1] * bytes, values + copy[2 * e] * bytes, bytes);

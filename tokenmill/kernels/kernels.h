@@ -11,7 +11,14 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t ro
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 at::Tensor add_rms_norm_(at::Tensor hidden, const at::Tensor& delta, const at::Tensor& weight, double eps);
 void rotary_(at::Tensor q, at::Tensor k, const at::Tensor& cos, const at::Tensor& sin);
+// In place on T rows of `heads` heads of D values at base + t * row + h * head; cos, sin [T, D / 2].
+void rotate_rows(float* base, int64_t T, int64_t row, int64_t heads, int64_t head, int64_t D, const float* cos,
+                 const float* sin);
 at::Tensor silu_mul(const at::Tensor& gate_up);
+at::Tensor paged_decode_attention_rows(const float* q, int64_t q_row, int64_t q_head, int64_t B, int64_t Hq,
+                                       int64_t D, const void* keys, const void* values, bool half, int64_t slots,
+                                       int64_t Hkv, const at::Tensor& block_tables, const at::Tensor& lengths,
+                                       int64_t block_size, double scale);
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& block_tables, const at::Tensor& lengths, int64_t block_size,
                                   double scale);
