@@ -75,7 +75,11 @@ def _truncate(probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
 def sampling_probabilities(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """Each row's sampling distribution: divided by its temperature, then top-k/top-p/min-p applied."""
     temps = torch.tensor([r.params.temperature for r in rows], dtype=logits.dtype).unsqueeze(1)
-    probs = (logits / temps).softmax(dim=-1)
+    # Softmax in place on the one new tensor: at batch 64 each fresh [64, 49152] tensor costs ~2 ms, most of
+    # it the kernel mapping new pages.
+    probs = logits / temps
+    probs.sub_(probs.amax(dim=-1, keepdim=True)).exp_()
+    probs.div_(probs.sum(dim=-1, keepdim=True))
     if any(r.params.top_k > 0 or r.params.top_p < 1.0 or r.params.min_p > 0.0 for r in rows):
         probs = _truncate(probs, rows)
     return probs
