@@ -398,8 +398,11 @@ inline __m256 load_halves(const uint8_t* p) {
 }
 
 // MB input rows (from m0) times one panel of `blocks` units; y points at output (m0, n0). `stream`: the panel
-// comes from memory (the first tile of a panel): prefetch the units ahead.
-template <int MB>
+// comes from memory (the first tile of a panel): prefetch the units ahead. kFactors (many rows): the panel's
+// scales and minimums come converted to fp32 in `factors`, [blocks][16], once for all its tiles; a decision
+// made at compile time, as a branch in the loop cost the 4-row tiles ~20% (GCC no longer unrolled it
+// without spilling).
+template <int MB, bool kFactors>
 inline void int4_tile(const uint8_t* panel, const float* factors, int64_t blocks, const Int8Blocks& x, int64_t m0,
                       float* y, int64_t N, int64_t width, bool stream) {
   const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
@@ -421,8 +424,7 @@ inline void int4_tile(const uint8_t* panel, const float* factors, int64_t blocks
       prefetch_l2(unit + kInt4Ahead + 128);
     }
     __m256i sums[MB];
-    UNROLL for (int m = 0; m < MB; ++m) sums[m] = _mm256_setzero_si256();
-    const auto quarter = [&](int j) {  // weights 4j .. 4j + 3 and 4j + 16 .. 4j + 19 of the block
+    UNROLL for (int j = 0; j < 4; ++j) {  // weights 4j .. 4j + 3 and 4j + 16 .. 4j + 19 of the block
       const __m256i bytes = _mm256_load_si256(reinterpret_cast<const __m256i*>(unit + 32 * j));
       const __m256i low = _mm256_and_si256(bytes, mask);
       const __m256i high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);
@@ -430,19 +432,11 @@ inline void int4_tile(const uint8_t* panel, const float* factors, int64_t blocks
         const int8_t* xm = xq + m * K + 32 * b + 4 * j;
         const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(low, broadcast4(xm)),
                                            _mm256_maddubs_epi16(high, broadcast4(xm + 16)));
-        sums[m] = _mm256_add_epi16(sums[m], p);
+        sums[m] = j == 0 ? p : _mm256_add_epi16(sums[m], p);
       }
-    };
-    // Unrolled for one or two rows; not for more, where GCC hoists the four vectors' loads and spills
-    // accumulators (measured -20% at 4 rows; a compiler barrier between the quarters was slower still).
-    if constexpr (MB <= 2) {
-      quarter(0), quarter(1), quarter(2), quarter(3);
-    } else {
-      _Pragma("GCC unroll 1") for (int j = 0; j < 4; ++j) quarter(j);
     }
-    // Many rows: the panel's scales and minimums in fp32, converted once (`factors`); one or two: from the unit.
-    const __m256 scale = factors ? _mm256_load_ps(factors + 16 * b) : load_halves(unit + 128);
-    const __m256 minimum = factors ? _mm256_load_ps(factors + 16 * b + 8) : load_halves(unit + 144);
+    const __m256 scale = kFactors ? _mm256_load_ps(factors + 16 * b) : load_halves(unit + 128);
+    const __m256 minimum = kFactors ? _mm256_load_ps(factors + 16 * b + 8) : load_halves(unit + 144);
     UNROLL for (int m = 0; m < MB; ++m) {
       const __m256 total = _mm256_cvtepi32_ps(_mm256_madd_epi16(sums[m], ones));
       acc[m] = _mm256_fmadd_ps(total, _mm256_mul_ps(scale, _mm256_broadcast_ss(xs + m * blocks + b)), acc[m]);
@@ -488,12 +482,20 @@ inline void int4_tiles(const uint8_t* units, const Int8Blocks& x, int64_t M, int
           }
         }
         int64_t m = m0;
-        for (; m + kInt4TileRows <= m1; m += kInt4TileRows)
-          int4_tile<kInt4TileRows>(panel, factors, blocks, x, m, y + m * N + n0, N, width, m == m0);
+        if (factors) {
+          for (; m + kInt4TileRows <= m1; m += kInt4TileRows)
+            int4_tile<kInt4TileRows, true>(panel, factors, blocks, x, m, y + m * N + n0, N, width, m == m0);
+        }
         switch (m1 - m) {
-          case 3: int4_tile<3>(panel, factors, blocks, x, m, y + m * N + n0, N, width, m == m0); break;
-          case 2: int4_tile<2>(panel, factors, blocks, x, m, y + m * N + n0, N, width, m == m0); break;
-          case 1: int4_tile<1>(panel, factors, blocks, x, m, y + m * N + n0, N, width, m == m0); break;
+          case 3: int4_tile<3, true>(panel, factors, blocks, x, m, y + m * N + n0, N, width, m == m0); break;
+          case 2:
+            if (factors) int4_tile<2, true>(panel, factors, blocks, x, m, y + m * N + n0, N, width, m == m0);
+            else int4_tile<2, false>(panel, factors, blocks, x, m, y + m * N + n0, N, width, m == m0);
+            break;
+          case 1:
+            if (factors) int4_tile<1, true>(panel, factors, blocks, x, m, y + m * N + n0, N, width, m == m0);
+            else int4_tile<1, false>(panel, factors, blocks, x, m, y + m * N + n0, N, width, m == m0);
+            break;
           default: break;
         }
       }
