@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "kernels.h"
@@ -464,6 +465,23 @@ constexpr int64_t kInt4TileRows = 4;  // 4, 5 and 6 measured alike; 3 ~30% slowe
 // while every panel meets them.
 constexpr int64_t kInt4RowChunk = 256;  // 128 measured alike; without chunks 1024 rows ran ~5% slower
 
+// Rows m0 .. m1 - 1 times one panel (output rows n0 ..): kInt4TileRows at a time, then the rest.
+template <bool kFactors>
+inline void int4_rows(const uint8_t* panel, const float* factors, int64_t blocks, const Int8Blocks& x, int64_t m0,
+                      int64_t m1, float* y, int64_t N, int64_t n0, int64_t width) {
+  int64_t m = m0;
+  const auto tile = [&](auto rows) {
+    int4_tile<decltype(rows)::value, kFactors>(panel, factors, blocks, x, m, y + m * N + n0, N, width, m == m0);
+  };
+  for (; m + kInt4TileRows <= m1; m += kInt4TileRows) tile(std::integral_constant<int, kInt4TileRows>{});
+  switch (m1 - m) {
+    case 3: tile(std::integral_constant<int, 3>{}); break;
+    case 2: tile(std::integral_constant<int, 2>{}); break;
+    case 1: tile(std::integral_constant<int, 1>{}); break;
+    default: break;
+  }
+}
+
 // Threads split the panels; each panel meets the rows kInt4TileRows at a time while it sits in L1.
 inline void int4_tiles(const uint8_t* units, const Int8Blocks& x, int64_t M, int64_t N, int64_t K, float* y) {
   const int64_t blocks = K / 32;
@@ -480,23 +498,9 @@ inline void int4_tiles(const uint8_t* units, const Int8Blocks& x, int64_t M, int
             _mm256_store_ps(factors + 16 * b, load_halves(panel + kInt4Unit * b + 128));
             _mm256_store_ps(factors + 16 * b + 8, load_halves(panel + kInt4Unit * b + 144));
           }
-        }
-        int64_t m = m0;
-        if (factors) {
-          for (; m + kInt4TileRows <= m1; m += kInt4TileRows)
-            int4_tile<kInt4TileRows, true>(panel, factors, blocks, x, m, y + m * N + n0, N, width, m == m0);
-        }
-        switch (m1 - m) {
-          case 3: int4_tile<3, true>(panel, factors, blocks, x, m, y + m * N + n0, N, width, m == m0); break;
-          case 2:
-            if (factors) int4_tile<2, true>(panel, factors, blocks, x, m, y + m * N + n0, N, width, m == m0);
-            else int4_tile<2, false>(panel, factors, blocks, x, m, y + m * N + n0, N, width, m == m0);
-            break;
-          case 1:
-            if (factors) int4_tile<1, true>(panel, factors, blocks, x, m, y + m * N + n0, N, width, m == m0);
-            else int4_tile<1, false>(panel, factors, blocks, x, m, y + m * N + n0, N, width, m == m0);
-            break;
-          default: break;
+          int4_rows<true>(panel, factors, blocks, x, m0, m1, y, N, n0, width);
+        } else {
+          int4_rows<false>(panel, factors, blocks, x, m0, m1, y, N, n0, width);
         }
       }
     }

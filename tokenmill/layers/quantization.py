@@ -47,7 +47,6 @@ INT4_UNIT = 160
 class Int4Weight:
     blocks: torch.Tensor  # uint8 [ceil(N / 8), K / 32, 160]; rows past N are zero
     rows: int  # N
-    group: int
 
     @property
     def nbytes(self) -> int:
@@ -92,11 +91,10 @@ def quantize_int4(weight: torch.Tensor, group: int = 32) -> Int4Weight:
         q.reshape(rows, cols // 32, 32),
         scales.repeat_interleave(per_block, dim=1),
         low.repeat_interleave(per_block, dim=1),
-        group,
     )
 
 
-def _pack_int4(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group: int) -> Int4Weight:
+def _pack_int4(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> Int4Weight:
     """q [N, K / 32, 32] in 0..15, scales and mins fp16 [N, K / 32] -> the panel layout (see INT4_UNIT)."""
     rows, blocks, _ = q.shape
     padded = -(-rows // INT4_PANEL) * INT4_PANEL
@@ -112,7 +110,7 @@ def _pack_int4(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group:
         return values.reshape(panels, INT4_PANEL, blocks).transpose(1, 2).contiguous().view(torch.uint8)
 
     units = torch.cat([weights.reshape(panels, blocks, 128), side_by_side(scales), side_by_side(mins)], dim=2)
-    return Int4Weight(units.contiguous(), rows, group)
+    return Int4Weight(units.contiguous(), rows)
 
 
 def round_activations_int16(x: torch.Tensor) -> torch.Tensor:
