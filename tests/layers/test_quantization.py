@@ -3,6 +3,11 @@ quantised weights equals HF transformers on the same (dequantised) weights, and 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,7 +15,7 @@ from tests.conftest import hf_greedy, make_engine, run_to_completion
 from tokenmill.bench.quality import perplexity, perplexity_text
 from tokenmill.config import EngineConfig
 from tokenmill.errors import InvalidParameterError
-from tokenmill.kernels import kernels_available
+from tokenmill.kernels import kernel_isa, kernels_available
 from tokenmill.layers.linear import DenseLinear, Int4Linear, Int8Linear
 from tokenmill.layers.quantization import (
     dequantize_int4,
@@ -69,6 +74,44 @@ def test_kernels_equal_the_pytorch_fallback(rows, shape):
         reference = layer(x)
         assert fast.shape == (rows, shape[0])
         torch.testing.assert_close(fast, reference, atol=2e-5, rtol=1e-4)
+
+
+def _kernel_outputs(path: str) -> None:
+    """The integer kernels' outputs on fixed inputs, saved for a process with another build to compare."""
+    outputs = []
+    for shape in [(100, 96), (256, 576)]:
+        torch.manual_seed(shape[0])
+        weight = torch.randn(*shape) * 0.05
+        for layer in (Int8Linear(weight), Int4Linear(weight)):
+            outputs += [layer(torch.randn(rows, shape[1])) for rows in (1, 2, 3, 64, 300)]
+    torch.save(outputs, path)
+
+
+def test_the_avx2_build_gives_the_vnni_builds_numbers_bit_for_bit(tmp_path):
+    """Integer sums are exact and the scaling runs in the same order, so the ISA must not change one bit."""
+    if kernel_isa() != "avx512vnni":
+        pytest.skip("this CPU has no AVX-512 VNNI: only the AVX2 build exists here")
+    env = {**os.environ, "TOKENMILL_ISA": "avx2"}
+    target = str(tmp_path / "avx2")
+    script = f"from tests.layers.test_quantization import _kernel_outputs; _kernel_outputs({target!r})"
+    root = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "-c", script], env=env, cwd=root, check=True, timeout=600)
+    _kernel_outputs(str(tmp_path / "vnni"))
+    avx2, vnni = torch.load(tmp_path / "avx2"), torch.load(tmp_path / "vnni")
+    assert len(avx2) == len(vnni) == 20
+    for a, b in zip(avx2, vnni, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_bad_isa_choice_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TOKENMILL_ISA", "avx9000")
+    kernel_isa.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="TOKENMILL_ISA"):
+            kernel_isa()
+    finally:
+        monkeypatch.undo()
+        kernel_isa.cache_clear()
 
 
 def test_quantised_layers_track_the_fp32_product():

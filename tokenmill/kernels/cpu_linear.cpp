@@ -142,6 +142,22 @@ inline Int8Block round_block_int8(const float* v) {
   return {bytes, largest / 127.f, sum8_epi32(total)};
 }
 
+// acc + the products of a and b's int16 lanes, added in pairs into int32 lanes: one vpdpwssd with AVX-512 VNNI,
+// vpmaddwd and vpaddd without.
+inline __m256i dot_pairs(__m256i acc, __m256i a, __m256i b) {
+#ifdef __AVX512VNNI__
+  return _mm256_dpwssd_epi32(acc, a, b);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+#endif
+}
+
+inline __m256i broadcast4(const void* p) {
+  int32_t word;
+  std::memcpy(&word, p, sizeof(word));
+  return _mm256_set1_epi32(word);
+}
+
 // int32 sums stay exact over this many weights: per lane and 32 weights, four products of at most
 // 127 * 32767, so 64 steps reach 1.07e9 < 2^31. Longer rows flush to fp32 every chunk.
 constexpr int64_t kInt16Chunk = 2048;
@@ -171,10 +187,7 @@ inline void int8_direct(const int8_t* q, const float* scales, const Int16Rows& x
         const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + n * K + k));
         const __m256i w0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(bytes));
         const __m256i w1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(bytes, 1));
-        UNROLL for (int m = 0; m < MB; ++m) {
-          const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w0, xv[m][0]), _mm256_madd_epi16(w1, xv[m][1]));
-          acc[n][m] = _mm256_add_epi32(acc[n][m], p);
-        }
+        UNROLL for (int m = 0; m < MB; ++m) acc[n][m] = dot_pairs(dot_pairs(acc[n][m], w0, xv[m][0]), w1, xv[m][1]);
       }
     }
     UNROLL for (int n = 0; n < kRows; ++n)
@@ -388,24 +401,90 @@ constexpr int64_t kInt4Unit = 160;  // bytes per panel and block of 32 inputs: 1
 // 120 one-row matmuls, cold, 1.5 KB 3.4 ms, 3 KB 2.5, 4 KB 2.3, 6-12 KB 1.9-2.1.
 constexpr int64_t kInt4Ahead = 6144;
 
-inline __m256i broadcast4(const void* p) {
-  int32_t word;
-  std::memcpy(&word, p, sizeof(word));
-  return _mm256_set1_epi32(word);
-}
-
 inline __m256 load_halves(const uint8_t* p) {
   return _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-// MB input rows (from m0) times one panel of `blocks` units; y points at output (m0, n0). `stream`: the panel
-// comes from memory (the first tile of a panel): prefetch the units ahead. kFactors (many rows): the panel's
-// scales and minimums come converted to fp32 in `factors`, [blocks][16], once for all its tiles; a decision
-// made at compile time, as a branch in the loop cost the 4-row tiles ~20% (GCC no longer unrolled it
-// without spilling).
-template <int MB, bool kFactors>
+// MB input rows (from m0) times NB consecutive panels of `blocks` units; y points at output (m0, n0), and
+// `width` is the last panel's (the others are full). `stream`: the panels come from memory (the first tile of
+// a panel): prefetch the units ahead. kFactors (many rows): the panels' scales and minimums come converted to
+// fp32 in `factors`, [NB][blocks][16], once for all their tiles; a decision made at compile time, as a branch
+// in the loop cost the 4-row tiles ~20% (GCC no longer unrolled it without spilling).
+#ifdef __AVX512VNNI__
+template <int MB, int NB, bool kFactors>
 inline void int4_tile(const uint8_t* panel, const float* factors, int64_t blocks, const Int8Blocks& x, int64_t m0,
                       float* y, int64_t N, int64_t width, bool stream) {
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  const int64_t K = blocks * 32;
+  const int8_t* xq = x.q.data() + m0 * K;
+  const float* xs = x.scale.data() + m0 * blocks;
+  const float* xo = x.offset.data() + m0 * blocks;
+  // With one or two rows the minimums' FMAs go to an accumulator of their own, two short dependency chains
+  // instead of one long one; more rows have the registers only for one.
+  constexpr bool kSplit = MB <= 2;
+  __m256 acc[NB][MB], low_acc[NB][kSplit ? MB : 1];
+  UNROLL for (int n = 0; n < NB; ++n) UNROLL for (int m = 0; m < MB; ++m) acc[n][m] = _mm256_setzero_ps();
+  if constexpr (kSplit)
+    UNROLL for (int n = 0; n < NB; ++n) UNROLL for (int m = 0; m < MB; ++m) low_acc[n][m] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* unit[NB];
+    UNROLL for (int n = 0; n < NB; ++n) {
+      unit[n] = panel + kInt4Unit * (n * blocks + b);
+      if (stream) {
+        prefetch_l2(unit[n] + kInt4Ahead);
+        prefetch_l2(unit[n] + kInt4Ahead + 64);
+        prefetch_l2(unit[n] + kInt4Ahead + 128);
+      }
+    }
+    __m256i sums[NB][MB];
+    UNROLL for (int n = 0; n < NB; ++n) UNROLL for (int m = 0; m < MB; ++m) sums[n][m] = _mm256_setzero_si256();
+    UNROLL for (int j = 0; j < 4; ++j) {  // weights 4j .. 4j + 3 and 4j + 16 .. 4j + 19 of the block
+      __m256i low[NB], high[NB];
+      UNROLL for (int n = 0; n < NB; ++n) {
+        const __m256i bytes = _mm256_load_si256(reinterpret_cast<const __m256i*>(unit[n] + 32 * j));
+        low[n] = _mm256_and_si256(bytes, mask);
+        high[n] = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);
+      }
+      UNROLL for (int m = 0; m < MB; ++m) {
+        const int8_t* xm = xq + m * K + 32 * b + 4 * j;
+        const __m256i x_low = broadcast4(xm), x_high = broadcast4(xm + 16);
+        UNROLL for (int n = 0; n < NB; ++n)
+          sums[n][m] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(sums[n][m], low[n], x_low), high[n], x_high);
+      }
+    }
+    UNROLL for (int n = 0; n < NB; ++n) {
+      const float* f = factors + 16 * (n * blocks + b);
+      const __m256 scale = kFactors ? _mm256_load_ps(f) : load_halves(unit[n] + 128);
+      const __m256 minimum = kFactors ? _mm256_load_ps(f + 8) : load_halves(unit[n] + 144);
+      UNROLL for (int m = 0; m < MB; ++m) {
+        const __m256 total = _mm256_cvtepi32_ps(sums[n][m]);
+        acc[n][m] =
+            _mm256_fmadd_ps(total, _mm256_mul_ps(scale, _mm256_broadcast_ss(xs + m * blocks + b)), acc[n][m]);
+        const __m256 offset = _mm256_broadcast_ss(xo + m * blocks + b);
+        if constexpr (kSplit) low_acc[n][m] = _mm256_fmadd_ps(minimum, offset, low_acc[n][m]);
+        else acc[n][m] = _mm256_fmadd_ps(minimum, offset, acc[n][m]);
+      }
+    }
+  }
+  UNROLL for (int n = 0; n < NB; ++n) UNROLL for (int m = 0; m < MB; ++m) {
+    __m256 out = acc[n][m];
+    if constexpr (kSplit) out = _mm256_add_ps(out, low_acc[n][m]);
+    float* row_out = y + m * N + n * kInt4Panel;
+    if (n < NB - 1 || width == kInt4Panel) {
+      _mm256_storeu_ps(row_out, out);
+    } else {
+      alignas(32) float row[kInt4Panel];
+      _mm256_store_ps(row, out);
+      std::memcpy(row_out, row, width * sizeof(float));
+    }
+  }
+}
+
+#else
+template <int MB, int NB, bool kFactors>
+inline void int4_tile(const uint8_t* panel, const float* factors, int64_t blocks, const Int8Blocks& x, int64_t m0,
+                      float* y, int64_t N, int64_t width, bool stream) {
+  static_assert(NB == 1, "AVX2 has the registers for one panel");
   const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   const int64_t K = blocks * 32;
   const int8_t* xq = x.q.data() + m0 * K;
@@ -459,6 +538,8 @@ inline void int4_tile(const uint8_t* panel, const float* factors, int64_t blocks
   }
 }
 
+#endif
+
 constexpr int64_t kInt4TileRows = 4;  // 4, 5 and 6 measured alike; 3 ~30% slower
 
 // Rows per pass over a thread's panels: a pass's activations (K bytes and K / 4 of scales per row) stay in L2
@@ -466,12 +547,12 @@ constexpr int64_t kInt4TileRows = 4;  // 4, 5 and 6 measured alike; 3 ~30% slowe
 constexpr int64_t kInt4RowChunk = 256;  // 128 measured alike; without chunks 1024 rows ran ~5% slower
 
 // Rows m0 .. m1 - 1 times one panel (output rows n0 ..): kInt4TileRows at a time, then the rest.
-template <bool kFactors>
+template <int NB, bool kFactors>
 inline void int4_rows(const uint8_t* panel, const float* factors, int64_t blocks, const Int8Blocks& x, int64_t m0,
                       int64_t m1, float* y, int64_t N, int64_t n0, int64_t width) {
   int64_t m = m0;
   const auto tile = [&](auto rows) {
-    int4_tile<decltype(rows)::value, kFactors>(panel, factors, blocks, x, m, y + m * N + n0, N, width, m == m0);
+    int4_tile<decltype(rows)::value, NB, kFactors>(panel, factors, blocks, x, m, y + m * N + n0, N, width, m == m0);
   };
   for (; m + kInt4TileRows <= m1; m += kInt4TileRows) tile(std::integral_constant<int, kInt4TileRows>{});
   switch (m1 - m) {
@@ -482,26 +563,39 @@ inline void int4_rows(const uint8_t* panel, const float* factors, int64_t blocks
   }
 }
 
+#ifdef __AVX512VNNI__
+constexpr int kInt4Panels = 2;
+#else
+constexpr int kInt4Panels = 1;
+#endif
+
 // Threads split the panels; each panel meets the rows kInt4TileRows at a time while it sits in L1.
 inline void int4_tiles(const uint8_t* units, const Int8Blocks& x, int64_t M, int64_t N, int64_t K, float* y) {
   const int64_t blocks = K / 32;
   at::parallel_for(0, (N + kInt4Panel - 1) / kInt4Panel, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> storage(M > 2 ? blocks * 16 + 8 : 0);
+    std::vector<float> storage(M > 2 ? kInt4Panels * blocks * 16 + 8 : 0);
     float* factors = M > 2 ? storage.data() + (-reinterpret_cast<uintptr_t>(storage.data()) / 4) % 8 : nullptr;
     for (int64_t m0 = 0; m0 < M; m0 += kInt4RowChunk) {
       const int64_t m1 = std::min(M, m0 + kInt4RowChunk);
-      for (int64_t p = begin; p < end; ++p) {
+      for (int64_t p = begin; p < end;) {
         const uint8_t* panel = units + p * blocks * kInt4Unit;
-        const int64_t n0 = p * kInt4Panel, width = std::min(kInt4Panel, N - n0);
+        const int64_t panels = factors ? std::min<int64_t>(kInt4Panels, end - p) : 1;
+        const int64_t n0 = p * kInt4Panel, width = std::min(kInt4Panel, N - n0 - (panels - 1) * kInt4Panel);
         if (factors) {
-          for (int64_t b = 0; b < blocks; ++b) {
+          for (int64_t b = 0; b < panels * blocks; ++b) {
             _mm256_store_ps(factors + 16 * b, load_halves(panel + kInt4Unit * b + 128));
             _mm256_store_ps(factors + 16 * b + 8, load_halves(panel + kInt4Unit * b + 144));
           }
-          int4_rows<true>(panel, factors, blocks, x, m0, m1, y, N, n0, width);
+          if constexpr (kInt4Panels > 1) {
+            if (panels == kInt4Panels) int4_rows<kInt4Panels, true>(panel, factors, blocks, x, m0, m1, y, N, n0, width);
+            else int4_rows<1, true>(panel, factors, blocks, x, m0, m1, y, N, n0, width);
+          } else {
+            int4_rows<1, true>(panel, factors, blocks, x, m0, m1, y, N, n0, width);
+          }
         } else {
-          int4_rows<false>(panel, factors, blocks, x, m0, m1, y, N, n0, width);
+          int4_rows<1, false>(panel, factors, blocks, x, m0, m1, y, N, n0, width);
         }
+        p += panels;
       }
     }
   });
@@ -546,7 +640,7 @@ inline void int8_tile(const int16_t* panel, const float* scales, const Int16Rows
     _Pragma("GCC unroll 4") for (int64_t k = k0; k < k1; k += 2) {
       const __m256i w = _mm256_load_si256(reinterpret_cast<const __m256i*>(panel + k * 8));
       UNROLL for (int m = 0; m < MB; ++m)
-        sums[m] = _mm256_add_epi32(sums[m], _mm256_madd_epi16(w, broadcast4(xq + m * K + k)));
+        sums[m] = dot_pairs(sums[m], w, broadcast4(xq + m * K + k));
     }
     UNROLL for (int m = 0; m < MB; ++m) acc[m] = _mm256_add_ps(acc[m], _mm256_cvtepi32_ps(sums[m]));
   }
