@@ -626,60 +626,91 @@ inline void pack_int8_panel(const int8_t* q, int64_t K, int64_t width, int16_t* 
   }
 }
 
-// MB input rows (from m0) times one packed panel with its eight rows' scales; y points at output (m0, n0).
-template <int MB>
+// MB input rows (from m0) times NB packed panels ([NB][K / 2][8][2]) with their rows' scales ([NB][8]); y
+// points at output (m0, n0), and `width` is the last panel's (the others are full).
+template <int MB, int NB>
 inline void int8_tile(const int16_t* panel, const float* scales, const Int16Rows& x, int64_t m0, int64_t K,
                       float* y, int64_t N, int64_t width) {
   const int16_t* xq = x.q.data() + m0 * K;
-  __m256 acc[MB];
-  UNROLL for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
+  __m256 acc[NB][MB];
+  UNROLL for (int n = 0; n < NB; ++n) UNROLL for (int m = 0; m < MB; ++m) acc[n][m] = _mm256_setzero_ps();
   for (int64_t k0 = 0; k0 < K; k0 += kInt16TileChunk) {
     const int64_t k1 = std::min(K, k0 + kInt16TileChunk);
-    __m256i sums[MB];
-    UNROLL for (int m = 0; m < MB; ++m) sums[m] = _mm256_setzero_si256();
+    __m256i sums[NB][MB];
+    UNROLL for (int n = 0; n < NB; ++n) UNROLL for (int m = 0; m < MB; ++m) sums[n][m] = _mm256_setzero_si256();
     _Pragma("GCC unroll 4") for (int64_t k = k0; k < k1; k += 2) {
-      const __m256i w = _mm256_load_si256(reinterpret_cast<const __m256i*>(panel + k * 8));
-      UNROLL for (int m = 0; m < MB; ++m)
-        sums[m] = dot_pairs(sums[m], w, broadcast4(xq + m * K + k));
+      __m256i w[NB];
+      UNROLL for (int n = 0; n < NB; ++n)
+        w[n] = _mm256_load_si256(reinterpret_cast<const __m256i*>(panel + (n * K + k) * 8));
+      UNROLL for (int m = 0; m < MB; ++m) {
+        const __m256i pair = broadcast4(xq + m * K + k);
+        UNROLL for (int n = 0; n < NB; ++n) sums[n][m] = dot_pairs(sums[n][m], w[n], pair);
+      }
     }
-    UNROLL for (int m = 0; m < MB; ++m) acc[m] = _mm256_add_ps(acc[m], _mm256_cvtepi32_ps(sums[m]));
+    UNROLL for (int n = 0; n < NB; ++n)
+      UNROLL for (int m = 0; m < MB; ++m) acc[n][m] = _mm256_add_ps(acc[n][m], _mm256_cvtepi32_ps(sums[n][m]));
   }
-  const __m256 scale = _mm256_loadu_ps(scales);
-  UNROLL for (int m = 0; m < MB; ++m) {
-    const __m256 out = _mm256_mul_ps(_mm256_mul_ps(acc[m], scale), _mm256_set1_ps(x.scale[m0 + m]));
-    if (width == kInt4Panel) {
-      _mm256_storeu_ps(y + m * N, out);
-    } else {
-      alignas(32) float row[kInt4Panel];
-      _mm256_store_ps(row, out);
-      std::memcpy(y + m * N, row, width * sizeof(float));
+  UNROLL for (int n = 0; n < NB; ++n) {
+    const __m256 scale = _mm256_loadu_ps(scales + n * kInt4Panel);
+    UNROLL for (int m = 0; m < MB; ++m) {
+      const __m256 out = _mm256_mul_ps(_mm256_mul_ps(acc[n][m], scale), _mm256_set1_ps(x.scale[m0 + m]));
+      float* row_out = y + m * N + n * kInt4Panel;
+      if (n < NB - 1 || width == kInt4Panel) {
+        _mm256_storeu_ps(row_out, out);
+      } else {
+        alignas(32) float row[kInt4Panel];
+        _mm256_store_ps(row, out);
+        std::memcpy(row_out, row, width * sizeof(float));
+      }
     }
   }
 }
 
 constexpr int64_t kInt8TileRows = 6;
+// Panels per int8 tile: with AVX-512's 32 registers two panels share each broadcast of the activations.
+#ifdef __AVX512VNNI__
+constexpr int kInt8Panels = 2;
+#else
+constexpr int kInt8Panels = 1;
+#endif
+
+template <int NB>
+inline void int8_rows(const int16_t* panel, const float* scales, const Int16Rows& x, int64_t M, int64_t K, float* y,
+                      int64_t N, int64_t n0, int64_t width) {
+  int64_t m = 0;
+  for (; m + kInt8TileRows <= M; m += kInt8TileRows)
+    int8_tile<kInt8TileRows, NB>(panel, scales, x, m, K, y + m * N + n0, N, width);
+  switch (M - m) {
+    case 5: int8_tile<5, NB>(panel, scales, x, m, K, y + m * N + n0, N, width); break;
+    case 4: int8_tile<4, NB>(panel, scales, x, m, K, y + m * N + n0, N, width); break;
+    case 3: int8_tile<3, NB>(panel, scales, x, m, K, y + m * N + n0, N, width); break;
+    case 2: int8_tile<2, NB>(panel, scales, x, m, K, y + m * N + n0, N, width); break;
+    case 1: int8_tile<1, NB>(panel, scales, x, m, K, y + m * N + n0, N, width); break;
+    default: break;
+  }
+}
 
 inline void int8_tiles(const int8_t* q, const float* scales, const Int16Rows& x, int64_t M, int64_t N, int64_t K,
                        float* y) {
   at::parallel_for(0, (N + kInt4Panel - 1) / kInt4Panel, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int16_t> storage(K * kInt4Panel + 16);
+    std::vector<int16_t> storage(kInt8Panels * K * kInt4Panel + 16);
     int16_t* panel = storage.data() + (-reinterpret_cast<uintptr_t>(storage.data()) / 2) % 16;
-    alignas(32) float panel_scales[kInt4Panel];
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t n0 = p * kInt4Panel, width = std::min(kInt4Panel, N - n0);
-      pack_int8_panel(q + n0 * K, K, width, panel);
-      for (int64_t n = 0; n < kInt4Panel; ++n) panel_scales[n] = n < width ? scales[n0 + n] : 0.f;
-      int64_t m = 0;
-      for (; m + kInt8TileRows <= M; m += kInt8TileRows)
-        int8_tile<kInt8TileRows>(panel, panel_scales, x, m, K, y + m * N + n0, N, width);
-      switch (M - m) {
-        case 5: int8_tile<5>(panel, panel_scales, x, m, K, y + m * N + n0, N, width); break;
-        case 4: int8_tile<4>(panel, panel_scales, x, m, K, y + m * N + n0, N, width); break;
-        case 3: int8_tile<3>(panel, panel_scales, x, m, K, y + m * N + n0, N, width); break;
-        case 2: int8_tile<2>(panel, panel_scales, x, m, K, y + m * N + n0, N, width); break;
-        case 1: int8_tile<1>(panel, panel_scales, x, m, K, y + m * N + n0, N, width); break;
-        default: break;
+    alignas(32) float panel_scales[kInt8Panels * kInt4Panel];
+    for (int64_t p = begin; p < end;) {
+      const int64_t panels = std::min<int64_t>(kInt8Panels, end - p), n0 = p * kInt4Panel;
+      int64_t width = kInt4Panel;
+      for (int64_t j = 0; j < panels; ++j) {
+        width = std::min(kInt4Panel, N - n0 - j * kInt4Panel);
+        pack_int8_panel(q + (n0 + j * kInt4Panel) * K, K, width, panel + j * K * kInt4Panel);
       }
+      for (int64_t n = 0; n < panels * kInt4Panel; ++n) panel_scales[n] = n0 + n < N ? scales[n0 + n] : 0.f;
+      if constexpr (kInt8Panels > 1) {
+        if (panels == kInt8Panels) int8_rows<kInt8Panels>(panel, panel_scales, x, M, K, y, N, n0, width);
+        else int8_rows<1>(panel, panel_scales, x, M, K, y, N, n0, width);
+      } else {
+        int8_rows<1>(panel, panel_scales, x, M, K, y, N, n0, width);
+      }
+      p += panels;
     }
   });
 }
