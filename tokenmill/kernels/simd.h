@@ -6,6 +6,7 @@
 
 // Unroll a short loop over accumulators fully, so that they stay in registers.
 #define UNROLL4 _Pragma("GCC unroll 4")
+#define UNROLL8 _Pragma("GCC unroll 8")
 
 namespace tokenmill {
 
