@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from tokenmill.errors import InvalidParameterError
+from tokenmill.kernels import kernels_available
 from tokenmill.layers.sampler import SamplingRow, sample, sampling_probabilities
 from tokenmill.sampling import SamplingParams
 
@@ -111,3 +112,38 @@ def test_invalid_parameters_raise_a_typed_error_naming_the_parameter(kwargs):
         SamplingParams(**kwargs)
     assert info.value.param in kwargs
     assert "must" in str(info.value)
+
+
+def test_sampling_kernel_takes_the_inverse_cdf_token():
+    """Our fused sampler against float64 softmax + cumsum + searchsorted: the same token wherever the uniform
+    is not within rounding of a boundary, never a token of weight zero, rows over many blocks of 256."""
+    assert kernels_available()
+    torch.manual_seed(3)
+    logits = torch.randn(64, 3001) * 4
+    logits[::3, ::7] = float("-inf")
+    temps = torch.rand(64) * 1.7 + 0.3
+    uniforms = torch.rand(64)
+    uniforms[0], uniforms[1] = 0.0, 1 - 2**-24  # both ends of the distribution
+    chosen = torch.ops.tokenmill.sample_rows(logits, temps, uniforms)
+    probs = (logits.double() / temps.double()[:, None]).softmax(-1)
+    cdf = probs.cumsum(-1)
+    targets = uniforms.double() * cdf[:, -1]
+    reference = torch.searchsorted(cdf, targets[:, None], right=True)[:, 0]
+    for row in range(64):
+        assert logits[row, chosen[row]] > float("-inf")
+        if chosen[row] != reference[row]:  # only a boundary within float rounding of the target may differ
+            gap = (cdf[row] - targets[row]).abs().min()
+            assert gap < 1e-5, (row, int(chosen[row]), int(reference[row]), float(gap))
+    assert (chosen == reference).float().mean() > 0.95
+
+
+def test_sampling_kernel_hands_back_rows_it_cannot_take():
+    assert kernels_available()
+    logits = torch.zeros(3, 40)
+    logits[0, 5] = float("nan")
+    logits[1] = float("-inf")
+    chosen = torch.ops.tokenmill.sample_rows(logits, torch.ones(3), torch.full((3,), 0.5))
+    assert chosen[:2].tolist() == [-1, -1] and 0 <= chosen[2] < 40
+    # sample() then takes such rows through PyTorch: an all -inf row still yields a token id
+    tokens, _ = sample(logits[1:], [_row(0, temperature=1.0), _row(1, temperature=1.0)])
+    assert len(tokens) == 2 and all(0 <= t < 40 for t in tokens)

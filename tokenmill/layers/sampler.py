@@ -110,6 +110,30 @@ def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return chosen
 
 
+def _plain(params: SamplingParams) -> bool:
+    return params.top_k <= 0 and params.top_p >= 1.0 and params.min_p <= 0.0
+
+
+def _sample_rows(logits: torch.Tensor, rows: list[SamplingRow], uniforms: torch.Tensor) -> torch.Tensor:
+    """Each sampled row's token by inverse CDF at its uniform. Rows with only a temperature go to our kernel
+    (no [N, V] tensors: ~12 -> ~0.5 ms at batch 64 x 49,152); truncated rows, and rows the kernel hands back
+    (NaN, nothing finite: -1), take the PyTorch path."""
+    chosen = torch.full((len(rows),), -1, dtype=torch.long)
+    plain = [i for i, r in enumerate(rows) if _plain(r.params)]
+    if plain and logits.dtype == torch.float32 and logits.dim() == 2 and kernels_available():
+        index = torch.tensor(plain)
+        temps = torch.tensor([rows[i].params.temperature for i in plain], dtype=torch.float32)
+        subset = logits if len(plain) == len(rows) else logits[index]
+        chosen[index] = torch.ops.tokenmill.sample_rows(
+            subset.contiguous(), temps, uniforms[index].contiguous()
+        )
+    rest = (chosen < 0).nonzero().flatten()
+    if len(rest):
+        probs = sampling_probabilities(logits[rest], [rows[i] for i in rest.tolist()])
+        chosen[rest] = _inverse_cdf(probs, uniforms[rest])
+    return chosen
+
+
 def _sample_from(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     return int(_inverse_cdf(probs.unsqueeze(0), _uniforms([generator]))[0])
 
@@ -168,8 +192,8 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], li
     if random_rows:
         picked = [rows[i] for i in random_rows]
         index = torch.tensor(random_rows)
-        probs = sampling_probabilities(logits if len(picked) == len(rows) else logits[index], picked)
-        chosen[index] = _inverse_cdf(probs, _uniforms([row.generator for row in picked]))
+        subset = logits if len(picked) == len(rows) else logits[index]
+        chosen[index] = _sample_rows(subset, picked, _uniforms([row.generator for row in picked]))
     token_ids = chosen.tolist()
     logprobs: list[TokenLogprob | None] = [None] * len(rows)
     if raw_logprobs is not None:
