@@ -48,8 +48,9 @@ class EngineConfig:
 
     model: str | None = None
     dtype: str = "float32"
-    # What the KV cache stores: "auto" (as dtype), "float32" or "float16" (half the bytes per token: twice
-    # the context in the same memory, and half the bytes for decode attention, which reads it every step).
+    # What the KV cache stores: "auto" (as dtype), "float32", "float16" (half the bytes per token: twice
+    # the context in the same memory, and half the bytes for decode attention, which reads it every step) or
+    # "int8" (a little over a quarter: each token's head rounded to int8 with one scale).
     kv_cache_dtype: str = "auto"
     block_size: int = 16
     num_kv_blocks: int | None = None
@@ -72,9 +73,9 @@ class EngineConfig:
             raise InvalidParameterError(
                 f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}", "dtype"
             )
-        if self.kv_cache_dtype not in ("auto", "float32", "float16"):
+        if self.kv_cache_dtype not in ("auto", "float32", "float16", "int8"):
             raise InvalidParameterError(
-                f"kv_cache_dtype must be auto, float32 or float16, got {self.kv_cache_dtype!r}",
+                f"kv_cache_dtype must be auto, float32, float16 or int8, got {self.kv_cache_dtype!r}",
                 "kv_cache_dtype",
             )
         if self.quantization not in (None, *QUANTIZATIONS):

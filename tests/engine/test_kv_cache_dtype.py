@@ -43,3 +43,31 @@ def test_float16_cache_keeps_greedy_outputs_at_half_the_bytes(smollm_loaded):
 def test_unknown_kv_cache_dtype_is_refused(smollm_loaded):
     with pytest.raises(InvalidParameterError, match="kv_cache_dtype"):
         make_engine(smollm_loaded, kv_cache_dtype="int3")
+
+
+def test_int8_cache_holds_3_7x_the_tokens_and_stays_close(smollm_loaded):
+    """int8 rows with one scale each: 68 bytes per (token, head) against fp32's 256. Rounding K/V to 8 bits
+    moves log-probabilities by a few hundredths, so greedy text may part from fp32's late in a continuation;
+    it must not part early, and where it agrees the log-probabilities must stay close."""
+    tokenizer = smollm_loaded.tokenizer
+    texts = [
+        "The capital of France is",
+        "def fibonacci(n):\n    ",
+        "A short history of the printing press. " * 12,
+    ]
+    prompts = [tokenizer.encode(text) for text in texts]
+    options = dict(kv_cache_gib=0.05, max_num_batched_tokens=64)
+    full = make_engine(smollm_loaded, **options)
+    small = make_engine(smollm_loaded, kv_cache_dtype="int8", **options)
+    assert small.runner.kv_cache.dtype == torch.int8 and small.runner.kv_cache.shape[-1] == 64 + 4
+    assert small.block_manager.num_blocks >= 3.7 * full.block_manager.num_blocks
+    expected, got = _generate(full, prompts), _generate(small, prompts)
+    assert small.model._decode_stack.runs() > 0  # decode steps read and write the int8 cache in C++
+    for a, b in zip(got, expected, strict=True):
+        pairs = enumerate(zip(a.token_ids, b.token_ids, strict=True))
+        agree = next((i for i, (x, y) in pairs if x != y), len(a.token_ids))
+        assert agree >= 5, (a.token_ids, b.token_ids)
+        common = zip(a.logprobs[:agree], b.logprobs[:agree], strict=True)
+        drift = max(abs(x.logprob - y.logprob) for x, y in common)
+        assert drift < 0.15, drift
+    assert_no_leak(small)

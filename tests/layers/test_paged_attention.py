@@ -6,20 +6,24 @@ import pytest
 import torch
 
 from tokenmill.kernels import kernels_available
-from tokenmill.layers.attention import AttentionContext, paged_attention
+from tokenmill.layers.attention import AttentionContext, dequantize_kv, paged_attention, quantize_kv
 
 
 # Four sequences: one item per (sequence, KV head). Fewer (sequence, KV head) pairs than two per thread:
 # one item per query head, sequences of different lengths side by side.
 @pytest.mark.parametrize("lengths", [[1, 9, 37, 16], [300], [2], [130, 3]])
 @pytest.mark.parametrize("heads,kv_heads,dim", [(4, 2, 32), (9, 3, 64), (2, 2, 20), (4, 1, 16)])
-@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.int8])
 def test_paged_decode_kernel_matches_gather_and_sdpa(heads, kv_heads, dim, lengths, cache_dtype):
     assert kernels_available()
     torch.manual_seed(heads * dim)
     block_size, num_blocks = 8, 60
-    k_cache = torch.randn(num_blocks * block_size, kv_heads, dim).to(cache_dtype)
-    v_cache = torch.randn(num_blocks * block_size, kv_heads, dim).to(cache_dtype)
+
+    def cache() -> torch.Tensor:
+        rows = torch.randn(num_blocks * block_size, kv_heads, dim)
+        return quantize_kv(rows) if cache_dtype == torch.int8 else rows.to(cache_dtype)
+
+    k_cache, v_cache = cache(), cache()
     permutation = torch.randperm(num_blocks).tolist()  # blocks scattered over the pool
     tables, used = [], 0
     for length in lengths:
@@ -30,7 +34,7 @@ def test_paged_decode_kernel_matches_gather_and_sdpa(heads, kv_heads, dim, lengt
     block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
     batch = len(lengths)
     q = torch.randn(batch, heads, dim)
-    k_new = k_cache[torch.zeros(batch, dtype=torch.long)].float()  # written to slot 0 by both paths
+    k_new = torch.zeros(batch, kv_heads, dim)
     kernel_ctx = AttentionContext(
         slot_mapping=torch.zeros(0, dtype=torch.long),
         num_decode=batch,
@@ -59,3 +63,13 @@ def test_block_table_pointing_outside_the_cache_is_refused():
         torch.ops.tokenmill.paged_decode_attention(
             torch.randn(1, 1, 8), k_cache, k_cache.clone(), torch.tensor([[5]]), torch.tensor([3]), 8, 1.0
         )
+
+
+def test_int8_kv_rows_round_trip_within_half_a_step():
+    x = torch.randn(50, 3, 64) * torch.rand(50, 3, 1) * 10
+    x[0, 0] = 0.0  # an all-zero row keeps scale 0
+    rows = quantize_kv(x)
+    assert rows.dtype == torch.int8 and rows.shape == (50, 3, 68)
+    step = x.abs().amax(-1, keepdim=True) / 127
+    assert torch.all((dequantize_kv(rows) - x).abs() <= step / 2 + 1e-6)
+    assert torch.equal(dequantize_kv(rows[0, 0]), torch.zeros(64))

@@ -25,12 +25,19 @@ def _generate(engine, use_stack: bool) -> dict:
         model._decode_stack = stack
 
 
+# An int8 KV cache: the C++ step rounds its K/V rows to the very bytes the Python path writes.
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
 @pytest.mark.parametrize("quantization", [None, "int8", "int4"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: QKV bias and an untied head
-def test_decode_stack_equals_the_python_layers(tiny_models, arch, quantization):
+def test_decode_stack_equals_the_python_layers(tiny_models, arch, quantization, kv_cache_dtype):
     folder, _ = tiny_models[arch]
     # No prefix cache: the second run must prefill exactly as the first did.
-    engine = make_engine(load_model(folder), quantization=quantization, enable_prefix_caching=False)
+    engine = make_engine(
+        load_model(folder),
+        quantization=quantization,
+        enable_prefix_caching=False,
+        kv_cache_dtype=kv_cache_dtype,
+    )
     assert engine.model._decode_stack is not None
     fast = _generate(engine, True)
     assert engine.model._decode_stack.runs() >= 9  # every step after the prefill was all-decode

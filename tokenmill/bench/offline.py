@@ -155,8 +155,8 @@ def _tokenmill_results(
     quantization: str,
     temperature: float = 0.0,
 ) -> tuple[dict[str, list[list[int]]], list[int], list[BenchResult]]:
-    """tokenmill in one weight format (a +kv16 suffix: over a float16 KV cache): single-stream decode, then
-    each workload (and the batch sweep)."""
+    """tokenmill in one weight format (a +kv16 or +kv8 suffix: over a float16 or int8 KV cache): single-stream
+    decode, then each workload (and the batch sweep)."""
     options = format_options(quantization)
     config = EngineConfig(
         model=model,
@@ -180,9 +180,8 @@ def _tokenmill_results(
         sweep = roofline_for_engine(llm.engine, batch_sizes, input_len)
         if out_dir is not None:
             write_report(sweep, out_dir, "offline_sweep")
-    label = (options["quantization"] or "fp32") + (
-        " (KV fp16)" if options["kv_cache_dtype"] == "float16" else ""
-    )
+    kv_label = {"float16": " (KV fp16)", "int8": " (KV int8)"}.get(options["kv_cache_dtype"], "")
+    label = (options["quantization"] or "fp32") + kv_label
     for result in results:
         result.system = f"tokenmill {label}" + (f" (speculative {speculative})" if speculative else "")
     del llm

@@ -23,16 +23,17 @@ from tokenmill.models.loader import LoadedModel, load_model
 from tokenmill.sampling import SamplingParams
 
 FORMATS = ("fp32", "int8", "int4")
-KV16 = "+kv16"  # a format name's suffix: the same weights over a float16 KV cache
+# A format name's suffix: the same weights over a float16 or an int8 KV cache.
+KV_SUFFIXES = {"+kv16": "float16", "+kv8": "int8"}
 
 
 def format_options(name: str) -> dict:
-    """EngineConfig options of a format name: fp32 (or none), int8, int4, each optionally with KV16."""
-    weights = name.removesuffix(KV16)
-    return {
-        "quantization": None if weights in ("none", "fp32") else weights,
-        "kv_cache_dtype": "float16" if name.endswith(KV16) else "auto",
-    }
+    """EngineConfig options of a format name: fp32 (or none), int8, int4, each optionally +kv16 or +kv8."""
+    weights, kv_dtype = name, "auto"
+    for suffix, dtype in KV_SUFFIXES.items():
+        if name.endswith(suffix):
+            weights, kv_dtype = name.removesuffix(suffix), dtype
+    return {"quantization": None if weights in ("none", "fp32") else weights, "kv_cache_dtype": kv_dtype}
 
 
 def perplexity_text() -> str:

@@ -31,6 +31,7 @@ from tokenmill.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from tokenmill.sampling import SamplingParams
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_KV_DTYPES = _DTYPES | {"int8": torch.int8}  # int8: per (token, head) row, one scale (layers/attention.py)
 BRANCH_BLOCKS = 8
 
 
@@ -93,7 +94,7 @@ class LLMEngine:
             config.quantization,
             config.quantization_group_size,
         )
-        kv_dtype = _DTYPES[config.resolved_kv_cache_dtype()]
+        kv_dtype = _KV_DTYPES[config.resolved_kv_cache_dtype()]
         per_block = kv_bytes_per_block(self.model_config, config.block_size, kv_dtype)
         num_blocks = config.num_kv_blocks or max(1, int(config.kv_cache_gib * 2**30 // per_block))
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)

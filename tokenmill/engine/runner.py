@@ -10,7 +10,7 @@ import torch
 from tokenmill.config import EngineConfig, ModelConfig
 from tokenmill.engine.batch import ScheduledBatch, ScheduledSequence
 from tokenmill.kernels import kernels_available
-from tokenmill.layers.attention import AttentionContext, PrefillSpan
+from tokenmill.layers.attention import AttentionContext, PrefillSpan, kv_row_width
 from tokenmill.layers.sampler import SamplingRow, sample, verify_draft
 from tokenmill.models.llama import LlamaModel
 from tokenmill.sampling import TokenLogprob
@@ -18,9 +18,14 @@ from tokenmill.sampling import TokenLogprob
 StepResult = list[tuple[int, TokenLogprob | None]]
 
 
+# Caches our decode kernels read in place (others go through gathers and SDPA).
+KERNEL_KV_DTYPES = (torch.float32, torch.float16, torch.int8)
+
+
 def kv_bytes_per_block(model_config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    per_token = 2 * model_config.num_layers * model_config.num_kv_heads * model_config.head_dim
-    return per_token * block_size * torch.finfo(dtype).bits // 8
+    width = kv_row_width(model_config.head_dim, dtype)
+    per_token = 2 * model_config.num_layers * model_config.num_kv_heads * width
+    return per_token * block_size * dtype.itemsize
 
 
 class ModelRunner:
@@ -40,7 +45,7 @@ class ModelRunner:
         self.branch_blocks = branch_blocks
         total_slots = (num_blocks + branch_blocks) * self.block_size
         self.kv_cache = torch.zeros(
-            cfg.num_layers, 2, total_slots, cfg.num_kv_heads, cfg.head_dim, dtype=dtype
+            cfg.num_layers, 2, total_slots, cfg.num_kv_heads, kv_row_width(cfg.head_dim, dtype), dtype=dtype
         )
         # Per step: seq_id -> (branch row, its scratch slot, the real slot of its position); and the
         # sequences whose branch the target took -> that row (its hidden state is the verified one).
@@ -106,7 +111,7 @@ class ModelRunner:
             )
             lengths = torch.tensor(context_lens)
             fp32_model = self.model.embed.dtype == torch.float32
-            if fp32_model and self.kv_cache.dtype in (torch.float32, torch.float16) and kernels_available():
+            if fp32_model and self.kv_cache.dtype in KERNEL_KV_DTYPES and kernels_available():
                 ctx.decode_block_tables, ctx.decode_lengths = tables, lengths
                 ctx.block_size = self.block_size
             else:

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -35,15 +36,42 @@ using tokenmill::sum8;
 constexpr int64_t kAheadKeys = 64;
 constexpr int64_t kMinPart = 64;  // keys per part at least, when a small batch splits its contexts
 
-// The cache holds fp32 or fp16 (at::Half's bits) rows; either is read as fp32, eight values at a time.
+// The cache holds fp32, fp16 (at::Half's bits) or int8 rows; each is read as fp32, eight values at a time.
+// An int8 row (layers/attention.py's quantize_kv) ends in its scale's four bytes: scores and value weights
+// take the scale once per row, after the integer values' dot products.
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
 inline float load1(const float* p) { return *p; }
 inline float load1(const uint16_t* p) { return _cvtsh_ss(*p); }
+inline float load1(const int8_t* p) { return *p; }
+
+template <typename T>
+constexpr bool kScaledRows = std::is_same_v<T, int8_t>;
+
+// Elements per (token, head) row: D values, and for int8 the scale's four bytes.
+template <typename T>
+constexpr int64_t row_width(int64_t D) {
+  return kScaledRows<T> ? D + 4 : D;
+}
+
+// The scale of the row at `row` (D values long); 1 for rows that need none.
+template <typename T>
+inline float row_scale(const T* row, int64_t D) {
+  if constexpr (kScaledRows<T>) {
+    float scale;
+    std::memcpy(&scale, row + D, sizeof(scale));
+    return scale;
+  } else {
+    return 1.f;
+  }
+}
 
 template <typename T>
 inline void prefetch_row(const T* row, int64_t D) {
-  for (int64_t d = 0; d < D; d += 64 / sizeof(T)) tokenmill::prefetch_l2(row + d);
+  for (int64_t d = 0; d < row_width<T>(D); d += 64 / sizeof(T)) tokenmill::prefetch_l2(row + d);
 }
 
 // scores[s] = scale * <query, key_s> for L keys found through slot_of, one key at a time: the few keys (or
@@ -58,7 +86,7 @@ void score_keys(const float* query, const T* keys, const int64_t* slot_of, int64
     for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(query + d), load8(key + d), acc);
     float total = sum8(acc);
     for (; d < D; ++d) total += query[d] * load1(key + d);
-    scores[s] = total * scale;
+    scores[s] = total * scale * row_scale(key, D);
   }
 }
 
@@ -101,7 +129,8 @@ void weigh_values(const float* p, const T* values, const int64_t* slot_of, int64
     __m256 acc = _mm256_setzero_ps();
     for (int64_t s = 0; s < L; ++s) {
       if (s + kAheadKeys < L) prefetch_row(values + slot_of[s + kAheadKeys] * stride + d0, 8);
-      acc = _mm256_fmadd_ps(_mm256_set1_ps(p[s]), load8(values + slot_of[s] * stride + d0), acc);
+      const T* value = values + slot_of[s] * stride;
+      acc = _mm256_fmadd_ps(_mm256_set1_ps(p[s] * row_scale(value, D)), load8(value + d0), acc);
     }
     _mm256_storeu_ps(out + d0, acc);
   }
@@ -109,7 +138,8 @@ void weigh_values(const float* p, const T* values, const int64_t* slot_of, int64
   std::fill(out + d0, out + D, 0.f);
   for (int64_t s = 0; s < L; ++s) {
     const T* value = values + slot_of[s] * stride;
-    for (int64_t d = d0; d < D; ++d) out[d] += p[s] * load1(value + d);
+    const float weight = p[s] * row_scale(value, D);
+    for (int64_t d = d0; d < D; ++d) out[d] += weight * load1(value + d);
   }
 }
 
@@ -147,9 +177,19 @@ void score_keys_heads(const float* const* query, const T* keys, const int64_t* s
           UNROLL4 for (int g = 0; g < NG; ++g) acc[g][j] = _mm256_fmadd_ps(q[g], k, acc[g][j]);
         }
       }
+      __m128 scales[J / 4];
+      UNROLL4 for (int j = 0; j < J; j += 4) {
+        if constexpr (kScaledRows<T>) {
+          scales[j / 4] = _mm_mul_ps(_mm_setr_ps(row_scale(key[j], D), row_scale(key[j + 1], D),
+                                                 row_scale(key[j + 2], D), row_scale(key[j + 3], D)),
+                                     _mm_set1_ps(scale));
+        } else {
+          scales[j / 4] = _mm_set1_ps(scale);
+        }
+      }
       UNROLL4 for (int g = 0; g < NG; ++g)
         UNROLL4 for (int j = 0; j < J; j += 4)
-          _mm_storeu_ps(scores[g] + s + j, _mm_mul_ps(sum4x8(acc[g] + j), _mm_set1_ps(scale)));
+          _mm_storeu_ps(scores[g] + s + j, _mm_mul_ps(sum4x8(acc[g] + j), scales[j / 4]));
     }
   }
   for (int g = 0; g < NG; ++g) score_keys(query[g], keys, slot_of + s, L - s, stride, D, scale, scores[g] + s);
@@ -167,10 +207,16 @@ void weigh_values_heads(const float* const* p, const T* values, const int64_t* s
     UNROLL4 for (int g = 0; g < NG; ++g)
       UNROLL8 for (int c = 0; c < C; ++c) acc[g][c] = _mm256_setzero_ps();
     for (int64_t s = 0; s < L; ++s) {
-      const T* value = values + slot_of[s] * stride + d0;
+      const T* row = values + slot_of[s] * stride;
+      const T* value = row + d0;
       if (s + kAheadKeys < L) prefetch_row(values + slot_of[s + kAheadKeys] * stride + d0, width);
       __m256 weight[NG];
-      UNROLL4 for (int g = 0; g < NG; ++g) weight[g] = _mm256_broadcast_ss(p[g] + s);
+      if constexpr (kScaledRows<T>) {  // an int8 row's scale rides on its weights
+        const float scale = row_scale(row, D);
+        UNROLL4 for (int g = 0; g < NG; ++g) weight[g] = _mm256_set1_ps(p[g][s] * scale);
+      } else {
+        UNROLL4 for (int g = 0; g < NG; ++g) weight[g] = _mm256_broadcast_ss(p[g] + s);
+      }
       UNROLL8 for (int c = 0; c < C; ++c) {
         const __m256 v = load8(value + 8 * c);
         UNROLL4 for (int g = 0; g < NG; ++g) acc[g][c] = _mm256_fmadd_ps(weight[g], v, acc[g][c]);
@@ -200,12 +246,14 @@ void in_head_groups(int64_t G, Run run) {
 namespace tokenmill {
 
 // The query of row b, head j at qp + b * q_row + j * q_head (D contiguous fp32); keys and values: caches
-// [slots, Hkv, D], fp32 or (half) fp16 bits; block_tables [B, W] (int64); lengths [B]: context length per row,
+// [slots, Hkv, D] of fp32 or fp16 bits, or [slots, Hkv, D + 4] of int8 rows and their scales; block_tables
+// [B, W] (int64); lengths [B]: context length per row,
 // the current token included (its K/V are already in the cache). Returns [B, Hq * D]. The decode step
 // (cpu_decode.cpp) passes its fused QKV output's rows and its cache's layers as they are: views of them
 // would cost about a microsecond each.
 at::Tensor paged_decode_attention_rows(const float* qp, int64_t q_row, int64_t q_head, int64_t B, int64_t Hq,
-                                       int64_t D, const void* keys, const void* values, bool half, int64_t slots,
+                                       int64_t D, const void* keys, const void* values, at::ScalarType dtype,
+                                       int64_t slots,
                                        int64_t Hkv, const at::Tensor& block_tables, const at::Tensor& lengths,
                                        int64_t block_size, double scale) {
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.is_contiguous() &&
@@ -213,11 +261,11 @@ at::Tensor paged_decode_attention_rows(const float* qp, int64_t q_row, int64_t q
               "block_tables and lengths must be contiguous int64");
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "query heads must be a multiple of KV heads");
   TORCH_CHECK(block_tables.size(0) == B && lengths.numel() == B, "one block table and length per row");
-  const int64_t G = Hq / Hkv, W = block_tables.size(1);
+  const int64_t G = Hq / Hkv, width = block_tables.size(1);
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = lengths.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(lens[b] >= 1 && lens[b] <= W * block_size, "context length outside the block table");
+    TORCH_CHECK(lens[b] >= 1 && lens[b] <= width * block_size, "context length outside the block table");
   at::Tensor out = at::empty({B, Hq * D}, block_tables.options().dtype(at::kFloat));
   float* op = out.data_ptr<float>();
   const float factor = static_cast<float>(scale);
@@ -245,8 +293,10 @@ at::Tensor paged_decode_attention_rows(const float* qp, int64_t q_row, int64_t q
     first = std::min(lens[b], part * size);
     last = std::min(lens[b], first + size);
   };
-  // kp, vp: the caches as float or uint16_t (fp16 bits).
+  // kp, vp: the caches as float, uint16_t (fp16 bits) or int8_t; a (token, head) row is W of them.
   const auto attend = [&](const auto* kp, const auto* vp) {
+    using T = std::remove_cv_t<std::remove_pointer_t<decltype(kp)>>;
+    const int64_t W = row_width<T>(D);
     at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scores;
       std::vector<int64_t> slot_of;
@@ -257,10 +307,10 @@ at::Tensor paged_decode_attention_rows(const float* qp, int64_t q_row, int64_t q
       for (int64_t index = begin; index < end; ++index) {  // the first rows of every item, before any work
         locate(index, b, h, first, last);
         for (int64_t s = first; s < std::min(last, first + kAheadKeys); ++s) {
-          const int64_t row = (tables[b * W + s / block_size] * block_size + s % block_size) * Hkv + h;
+          const int64_t row = (tables[b * width + s / block_size] * block_size + s % block_size) * Hkv + h;
           if (row < 0 || row >= slots * Hkv) continue;  // refused below
-          prefetch_row(kp + row * D, D);
-          prefetch_row(vp + row * D, D);
+          prefetch_row(kp + row * W, D);
+          prefetch_row(vp + row * W, D);
         }
       }
       for (int64_t index = begin; index < end; ++index) {
@@ -268,7 +318,7 @@ at::Tensor paged_decode_attention_rows(const float* qp, int64_t q_row, int64_t q
         const int64_t L = last - first;
         slot_of.resize(L);
         for (int64_t pos = first; pos < last;) {  // a block at a time: no division per key
-          const int64_t base = tables[b * W + pos / block_size] * block_size;
+          const int64_t base = tables[b * width + pos / block_size] * block_size;
           TORCH_CHECK(base >= 0 && base + block_size <= slots, "block table points outside the cache");
           for (int64_t o = pos % block_size; o < block_size && pos < last; ++o, ++pos)
             slot_of[pos - first] = base + o;
@@ -281,12 +331,12 @@ at::Tensor paged_decode_attention_rows(const float* qp, int64_t q_row, int64_t q
           dests[g] = parts > 1 ? part_out.data() + (row * parts + index % parts) * D : op + row * D;
         }
         in_head_groups(G, [&](auto ng, int64_t g0) {
-          score_keys_heads<ng>(queries.data() + g0, kp + h * D, slot_of.data(), L, Hkv * D, D, factor,
+          score_keys_heads<ng>(queries.data() + g0, kp + h * W, slot_of.data(), L, Hkv * W, D, factor,
                                rows.data() + g0);
         });
         for (int64_t g = 0; g < G; ++g) exps[g] = exp_shifted(rows[g], L);
         in_head_groups(G, [&](auto ng, int64_t g0) {
-          weigh_values_heads<ng>(rows.data() + g0, vp + h * D, slot_of.data(), L, Hkv * D, D, dests.data() + g0);
+          weigh_values_heads<ng>(rows.data() + g0, vp + h * W, slot_of.data(), L, Hkv * W, D, dests.data() + g0);
         });
         for (int64_t g = 0; g < G; ++g) {
           if (parts > 1) {
@@ -299,10 +349,11 @@ at::Tensor paged_decode_attention_rows(const float* qp, int64_t q_row, int64_t q
       }
     });
   };
-  if (half) {
-    attend(static_cast<const uint16_t*>(keys), static_cast<const uint16_t*>(values));
-  } else {
-    attend(static_cast<const float*>(keys), static_cast<const float*>(values));
+  switch (dtype) {
+    case at::kHalf: attend(static_cast<const uint16_t*>(keys), static_cast<const uint16_t*>(values)); break;
+    case at::kChar: attend(static_cast<const int8_t*>(keys), static_cast<const int8_t*>(values)); break;
+    case at::kFloat: attend(static_cast<const float*>(keys), static_cast<const float*>(values)); break;
+    default: TORCH_CHECK(false, "the KV cache must hold fp32, fp16 or int8 rows");
   }
   for (int64_t row = 0; row < B * Hq && parts > 1; ++row) {
     const Exps* exps = part_exps.data() + row * parts;
@@ -330,15 +381,16 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
                                   const at::Tensor& block_tables, const at::Tensor& lengths, int64_t block_size,
                                   double scale) {
   TORCH_CHECK(q.scalar_type() == at::kFloat && q.dim() == 3 && q.stride(2) == 1, "q must be fp32 [B, Hq, D]");
-  const bool half = k_cache.scalar_type() == at::kHalf;
+  const at::ScalarType dtype = k_cache.scalar_type();
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() &&
-                  (half || k_cache.scalar_type() == at::kFloat) && v_cache.scalar_type() == k_cache.scalar_type() &&
-                  k_cache.sizes() == v_cache.sizes() && k_cache.dim() == 3,
-              "caches must be contiguous fp32 or fp16 [slots, Hkv, D], both alike");
+                  (dtype == at::kHalf || dtype == at::kFloat || dtype == at::kChar) &&
+                  v_cache.scalar_type() == dtype && k_cache.sizes() == v_cache.sizes() && k_cache.dim() == 3,
+              "caches must be contiguous fp32, fp16 or int8 [slots, Hkv, row], both alike");
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
-  TORCH_CHECK(k_cache.size(2) == D, "head sizes do not match");
+  TORCH_CHECK(k_cache.size(2) == (dtype == at::kChar ? D + 4 : D),
+              "cache rows must hold D values (int8: and a 4-byte scale)");
   return paged_decode_attention_rows(q.data_ptr<float>(), q.stride(0), q.stride(1), B, Hq, D, k_cache.data_ptr(),
-                                     v_cache.data_ptr(), half, k_cache.size(0), k_cache.size(1), block_tables,
+                                     v_cache.data_ptr(), dtype, k_cache.size(0), k_cache.size(1), block_tables,
                                      lengths, block_size, scale)
       .view({B, Hq, D});
 }

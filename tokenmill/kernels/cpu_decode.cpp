@@ -13,6 +13,8 @@
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -63,11 +65,12 @@ class DecodeStack : public torch::CustomClassHolder {
                  at::Tensor block_tables, at::Tensor lengths, int64_t block_size, at::Tensor cos, at::Tensor sin,
                  at::Tensor final_norm, at::Tensor slot_copies) {
     const int64_t T = hidden.size(0), q_size = heads_ * head_dim_, kv_size = kv_heads_ * head_dim_;
+    const at::ScalarType dtype = kv_cache.scalar_type();
     TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.is_contiguous() && kv_cache.size(0) == (int64_t)layers_.size() &&
-                    kv_cache.size(1) == 2 &&
-                    kv_cache.size(3) == kv_heads_ && kv_cache.size(4) == head_dim_ &&
-                    (kv_cache.scalar_type() == at::kFloat || kv_cache.scalar_type() == at::kHalf),
-                "kv_cache must be contiguous fp32 or fp16 [layers, 2, slots, Hkv, D]");
+                    kv_cache.size(1) == 2 && kv_cache.size(3) == kv_heads_ &&
+                    (((dtype == at::kFloat || dtype == at::kHalf) && kv_cache.size(4) == head_dim_) ||
+                     (dtype == at::kChar && kv_cache.size(4) == head_dim_ + 4)),
+                "kv_cache must be contiguous fp32 or fp16 [layers, 2, slots, Hkv, D] or int8 [..., D + 4]");
     TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous() &&
                     slot_mapping.numel() == T,
                 "one int64 cache slot per row");
@@ -86,8 +89,8 @@ class DecodeStack : public torch::CustomClassHolder {
                     sin.numel() == cos.numel(),
                 "cos/sin must be contiguous fp32 [T, D / 2]");
     const float *cos_rows = cos.data_ptr<float>(), *sin_rows = sin.data_ptr<float>();
-    const bool half = kv_cache.scalar_type() == at::kHalf;
-    const int64_t layer_bytes = 2 * slots * kv_size * kv_cache.element_size();
+    const int64_t slot_bytes = kv_heads_ * kv_cache.size(4) * kv_cache.element_size();  // one slot's K (or V)
+    const int64_t layer_bytes = 2 * slots * slot_bytes;
     char* cache_base = static_cast<char*>(kv_cache.data_ptr());
     for (size_t index = 0; index < layers_.size(); ++index) {
       const Layer& layer = layers_[index];
@@ -100,10 +103,10 @@ class DecodeStack : public torch::CustomClassHolder {
       tokenmill::rotate_rows(rows + q_size, T, stride, kv_heads_, head_dim_, head_dim_, cos_rows, sin_rows);
       char* keys = cache_base + index * layer_bytes;  // this layer's [slots, Hkv, D], then its values
       char* values = keys + layer_bytes / 2;
-      write_cache(rows, stride, q_size, kv_size, slot, T, half, keys, values);
-      copy_slots(copy, copies, kv_size * kv_cache.element_size(), keys, values);
+      write_cache(rows, stride, q_size, kv_size, slot, T, dtype, slot_bytes, keys, values);
+      copy_slots(copy, copies, slot_bytes, keys, values);
       at::Tensor attended = tokenmill::paged_decode_attention_rows(rows, stride, head_dim_, T, heads_, head_dim_,
-                                                                   keys, values, half, slots, kv_heads_,
+                                                                   keys, values, dtype, slots, kv_heads_,
                                                                    block_tables, lengths, block_size, scale_);
       x = tokenmill::add_rms_norm_(hidden, linear(attended, layer.o_proj), layer.post_norm, eps_);
       const at::Tensor& next_norm = index + 1 < layers_.size() ? layers_[index + 1].input_norm : final_norm;
@@ -136,20 +139,39 @@ class DecodeStack : public torch::CustomClassHolder {
   }
 
   // The fresh K and V rows (columns q_size.. of the fused projection) into their cache slots, rounded to
-  // fp16 (as torch's conversion: to nearest even) if the cache is.
+  // fp16 (as torch's conversion: to nearest even) or to int8 rows (as layers/attention.py's quantize_kv, to
+  // the same bytes) if the cache is.
   void write_cache(const float* rows, int64_t stride, int64_t q_size, int64_t kv_size, const int64_t* slot,
-                   int64_t T, bool half, char* keys, char* values) const {
+                   int64_t T, at::ScalarType dtype, int64_t slot_bytes, char* keys, char* values) const {
     for (int64_t t = 0; t < T; ++t) {
       const float* key = rows + t * stride + q_size;
       const float* value = key + kv_size;
-      if (half) {
-        to_half(key, reinterpret_cast<at::Half*>(keys) + slot[t] * kv_size, kv_size);
-        to_half(value, reinterpret_cast<at::Half*>(values) + slot[t] * kv_size, kv_size);
+      char* key_out = keys + slot[t] * slot_bytes;
+      char* value_out = values + slot[t] * slot_bytes;
+      if (dtype == at::kHalf) {
+        to_half(key, reinterpret_cast<at::Half*>(key_out), kv_size);
+        to_half(value, reinterpret_cast<at::Half*>(value_out), kv_size);
+      } else if (dtype == at::kChar) {
+        for (int64_t h = 0; h < kv_heads_; ++h) {
+          to_int8_row(key + h * head_dim_, head_dim_, reinterpret_cast<int8_t*>(key_out) + h * (head_dim_ + 4));
+          to_int8_row(value + h * head_dim_, head_dim_, reinterpret_cast<int8_t*>(value_out) + h * (head_dim_ + 4));
+        }
       } else {
-        std::memcpy(reinterpret_cast<float*>(keys) + slot[t] * kv_size, key, kv_size * sizeof(float));
-        std::memcpy(reinterpret_cast<float*>(values) + slot[t] * kv_size, value, kv_size * sizeof(float));
+        std::memcpy(key_out, key, kv_size * sizeof(float));
+        std::memcpy(value_out, value, kv_size * sizeof(float));
       }
     }
+  }
+
+  // D values -> D int8 (x * (127 / max|x|), to nearest even) and the scale max|x| / 127's four bytes.
+  static void to_int8_row(const float* in, int64_t D, int8_t* out) {
+    float largest = 0.f;
+    for (int64_t d = 0; d < D; ++d) largest = std::max(largest, std::fabs(in[d]));
+    const float inverse = largest > 0.f ? 127.f / largest : 0.f;
+    for (int64_t d = 0; d < D; ++d)
+      out[d] = static_cast<int8_t>(std::clamp(std::nearbyint(in[d] * inverse), -127.f, 127.f));
+    const float scale = largest / 127.f;
+    std::memcpy(out + D, &scale, sizeof(scale));
   }
 
   static void to_half(const float* in, at::Half* out, int64_t n) {

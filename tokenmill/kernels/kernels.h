@@ -16,7 +16,8 @@ void rotate_rows(float* base, int64_t T, int64_t row, int64_t heads, int64_t hea
                  const float* sin);
 at::Tensor silu_mul(const at::Tensor& gate_up);
 at::Tensor paged_decode_attention_rows(const float* q, int64_t q_row, int64_t q_head, int64_t B, int64_t Hq,
-                                       int64_t D, const void* keys, const void* values, bool half, int64_t slots,
+                                       int64_t D, const void* keys, const void* values, at::ScalarType dtype,
+                                       int64_t slots,
                                        int64_t Hkv, const at::Tensor& block_tables, const at::Tensor& lengths,
                                        int64_t block_size, double scale);
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,

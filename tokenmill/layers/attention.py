@@ -41,6 +41,41 @@ class AttentionContext:
     slot_copies: torch.Tensor | None = None
 
 
+# An int8 KV cache row is one token's one head: D values rounded to int8 with one scale (the largest |value|
+# / 127), the scale's fp32 bits in the row's last four bytes. Rows stay whole slots of the cache, so block
+# copies, prefix sharing and swapping move them as they move fp16 or fp32 rows. 68 bytes per row at D = 64
+# against fp16's 128: decode attention reads half the bytes.
+KV_SCALE_BYTES = 4
+
+
+def kv_row_width(head_dim: int, dtype: torch.dtype) -> int:
+    """Elements per (token, head) row of a KV cache of this dtype."""
+    return head_dim + KV_SCALE_BYTES if dtype == torch.int8 else head_dim
+
+
+def quantize_kv(x: torch.Tensor) -> torch.Tensor:
+    """[..., D] fp32 -> [..., D + 4] int8 rows; the C++ decode step rounds its rows the same way."""
+    largest = x.abs().amax(dim=-1, keepdim=True)
+    inverse = torch.where(largest > 0, 127.0 / largest, torch.zeros_like(largest))
+    values = (x * inverse).round_().clamp_(-127, 127).to(torch.int8)
+    scale_bytes = (largest / 127.0).reshape(-1).view(torch.int8).reshape(*x.shape[:-1], KV_SCALE_BYTES)
+    return torch.cat([values, scale_bytes], dim=-1)
+
+
+def dequantize_kv(rows: torch.Tensor) -> torch.Tensor:
+    """[..., D + 4] int8 rows -> [..., D] fp32."""
+    width = rows.shape[-1] - KV_SCALE_BYTES
+    return rows[..., :width].float() * rows[..., width:].contiguous().view(torch.float32)
+
+
+def _to_cache(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    return quantize_kv(x.float()) if cache.dtype == torch.int8 else x.to(cache.dtype)  # rounded if narrower
+
+
+def _from_cache(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return dequantize_kv(rows).to(dtype) if rows.dtype == torch.int8 else rows.to(dtype)
+
+
 def paged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -50,9 +85,9 @@ def paged_attention(
     ctx: AttentionContext,
     scale: float,
 ) -> torch.Tensor:
-    """q: [T, Hq, D]; k, v: [T, Hkv, D]; caches: [num_slots, Hkv, D]. Returns [T, Hq, D]."""
-    k_cache.index_copy_(0, ctx.slot_mapping, k.to(k_cache.dtype))  # rounded if the cache is narrower
-    v_cache.index_copy_(0, ctx.slot_mapping, v.to(v_cache.dtype))
+    """q: [T, Hq, D]; k, v: [T, Hkv, D]; caches: [num_slots, Hkv, kv_row_width(D)]. Returns [T, Hq, D]."""
+    k_cache.index_copy_(0, ctx.slot_mapping, _to_cache(k, k_cache))
+    v_cache.index_copy_(0, ctx.slot_mapping, _to_cache(v, v_cache))
     if ctx.slot_copies is not None:
         sources, targets = ctx.slot_copies[:, 0], ctx.slot_copies[:, 1]
         k_cache[targets] = k_cache[sources]
@@ -70,12 +105,12 @@ def paged_attention(
         )
     elif ctx.num_decode:
         b = ctx.num_decode
-        shape = (b, -1, k_cache.shape[1], k_cache.shape[2])
+        shape = (b, -1, k_cache.shape[1], q.shape[-1])
         # index_select on the slot dim is several times faster than advanced indexing here.
         keys = (
-            k_cache.index_select(0, ctx.decode_gather).to(q.dtype).view(shape).transpose(1, 2)
+            _from_cache(k_cache.index_select(0, ctx.decode_gather), q.dtype).view(shape).transpose(1, 2)
         )  # [B, Hkv, S, D]
-        values = v_cache.index_select(0, ctx.decode_gather).to(q.dtype).view(shape).transpose(1, 2)
+        values = _from_cache(v_cache.index_select(0, ctx.decode_gather), q.dtype).view(shape).transpose(1, 2)
         attended = F.scaled_dot_product_attention(
             q[:b].unsqueeze(2), keys, values, attn_mask=ctx.decode_bias, scale=scale, enable_gqa=True
         )
@@ -92,8 +127,10 @@ def paged_attention(
                 query, keys, values, is_causal=True, scale=scale, enable_gqa=True
             )
         else:
-            keys = k_cache.index_select(0, span.gather).to(q.dtype).transpose(0, 1)[None]  # [1, Hkv, C, D]
-            values = v_cache.index_select(0, span.gather).to(q.dtype).transpose(0, 1)[None]
+            keys = _from_cache(k_cache.index_select(0, span.gather), q.dtype).transpose(0, 1)[
+                None
+            ]  # [1, Hkv, C, D]
+            values = _from_cache(v_cache.index_select(0, span.gather), q.dtype).transpose(0, 1)[None]
             attended = F.scaled_dot_product_attention(
                 query, keys, values, attn_mask=span.mask, scale=scale, enable_gqa=True
             )

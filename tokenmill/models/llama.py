@@ -126,7 +126,9 @@ class LlamaModel:
         ctx: AttentionContext,
         kv_cache: torch.Tensor,
     ) -> torch.Tensor:
-        """input_ids, positions: [T]; kv_cache: [layers, 2, slots, Hkv, D]. Returns final hidden [T, H]."""
+        """input_ids, positions: [T]; kv_cache: [layers, 2, slots, Hkv, kv_row_width(D)].
+
+        Returns the final hidden states [T, H]."""
         cfg = self.config
         tokens = input_ids.shape[0]
         hidden = F.embedding(input_ids, self.embed)
