@@ -17,21 +17,29 @@ def _generate(engine, prompts):
     return [done[str(i)].outputs[0] for i in range(len(prompts))]
 
 
-def test_float16_cache_keeps_greedy_outputs_at_half_the_bytes(smollm_loaded):
-    tokenizer = smollm_loaded.tokenizer
-    texts = [
-        "The capital of France is",
-        "def fibonacci(n):\n    ",
-        # Long enough for two prefill chunks: the second reads the first one's K/V back from the cache.
-        "A short history of the printing press. " * 12,
-    ]
-    prompts = [tokenizer.encode(text) for text in texts]
-    options = dict(kv_cache_gib=0.05, max_num_batched_tokens=64)
-    full = make_engine(smollm_loaded, **options)
-    half = make_engine(smollm_loaded, kv_cache_dtype="float16", **options)
+TEXTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    # Long enough for two prefill chunks: the second reads the first one's K/V back from the cache.
+    "A short history of the printing press. " * 12,
+]
+OPTIONS = dict(kv_cache_gib=0.05, max_num_batched_tokens=64)
+
+
+@pytest.fixture(scope="module")
+def fp32_run(smollm_loaded):
+    """The fp32 cache's block count and greedy outputs, the reference of every narrower cache."""
+    prompts = [smollm_loaded.tokenizer.encode(text) for text in TEXTS]
+    full = make_engine(smollm_loaded, **OPTIONS)
+    return prompts, full.block_manager.num_blocks, _generate(full, prompts)
+
+
+def test_float16_cache_keeps_greedy_outputs_at_half_the_bytes(smollm_loaded, fp32_run):
+    prompts, full_blocks, expected = fp32_run
+    half = make_engine(smollm_loaded, kv_cache_dtype="float16", **OPTIONS)
     assert half.runner.kv_cache.dtype == torch.float16
-    assert half.block_manager.num_blocks // 2 == full.block_manager.num_blocks  # (floors of the same budget)
-    expected, got = _generate(full, prompts), _generate(half, prompts)
+    assert half.block_manager.num_blocks // 2 == full_blocks  # (floors of the same budget)
+    got = _generate(half, prompts)
     assert half.model._decode_stack.runs() > 0  # decode steps read the fp16 cache in the C++ stack
     assert [o.token_ids for o in got] == [o.token_ids for o in expected]
     for a, b in zip(got, expected, strict=True):
@@ -45,23 +53,15 @@ def test_unknown_kv_cache_dtype_is_refused(smollm_loaded):
         make_engine(smollm_loaded, kv_cache_dtype="int3")
 
 
-def test_int8_cache_holds_3_7x_the_tokens_and_stays_close(smollm_loaded):
+def test_int8_cache_holds_3_7x_the_tokens_and_stays_close(smollm_loaded, fp32_run):
     """int8 rows with one scale each: 68 bytes per (token, head) against fp32's 256. Rounding K/V to 8 bits
     moves log-probabilities by a few hundredths, so greedy text may part from fp32's late in a continuation;
     it must not part early, and where it agrees the log-probabilities must stay close."""
-    tokenizer = smollm_loaded.tokenizer
-    texts = [
-        "The capital of France is",
-        "def fibonacci(n):\n    ",
-        "A short history of the printing press. " * 12,
-    ]
-    prompts = [tokenizer.encode(text) for text in texts]
-    options = dict(kv_cache_gib=0.05, max_num_batched_tokens=64)
-    full = make_engine(smollm_loaded, **options)
-    small = make_engine(smollm_loaded, kv_cache_dtype="int8", **options)
+    prompts, full_blocks, expected = fp32_run
+    small = make_engine(smollm_loaded, kv_cache_dtype="int8", **OPTIONS)
     assert small.runner.kv_cache.dtype == torch.int8 and small.runner.kv_cache.shape[-1] == 64 + 4
-    assert small.block_manager.num_blocks >= 3.7 * full.block_manager.num_blocks
-    expected, got = _generate(full, prompts), _generate(small, prompts)
+    assert small.block_manager.num_blocks >= 3.7 * full_blocks
+    got = _generate(small, prompts)
     assert small.model._decode_stack.runs() > 0  # decode steps read and write the int8 cache in C++
     for a, b in zip(got, expected, strict=True):
         pairs = enumerate(zip(a.token_ids, b.token_ids, strict=True))
