@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+from tokenmill.kernels import kernel_isa
+
 
 def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -51,6 +53,7 @@ def test_offline_bench_runs_tokenmill_and_hf_side_by_side_and_writes_json_md_png
     phases = by_system[("tokenmill int8 (KV fp16)", "random")]["extra"]["phases"]
     assert {"schedule", "prepare", "model", "sample", "postprocess"} <= set(phases)
     assert "host overhead" in by_system[("tokenmill int8 (KV fp16)", "random")]["note"]
+    assert f"kernels {kernel_isa()}" in by_system[("tokenmill fp32", "random")]["note"]  # which build ran
     # llama.cpp cannot run a safetensors folder: reported with the reason, not silently left out.
     llamacpp = [r for r in rows if r["system"].startswith("llama.cpp")]
     assert llamacpp and llamacpp[0]["note"].startswith("could not run")

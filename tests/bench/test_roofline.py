@@ -8,6 +8,7 @@ import pytest
 
 from tokenmill.bench.roofline import crossover_batch, linear_shapes, parameter_counts, predict_decode_step
 from tokenmill.config import ModelConfig
+from tokenmill.kernels import kernel_isa
 
 CFG = ModelConfig(
     architecture="llama",
@@ -74,6 +75,8 @@ def test_roofline_command_smoke(tiny_models, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "roofline.json").read_text())
+    assert report["kernels"] == kernel_isa()  # which build the numbers came from
+    assert f"kernels: {kernel_isa()}" in (tmp_path / "roofline.md").read_text()
     assert [(r["format"], r["batch"]) for r in report["rows"]] == [
         ("fp32", 1),
         ("fp32", 4),

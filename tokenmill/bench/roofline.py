@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenmill.config import ModelConfig
+from tokenmill.kernels import kernel_isa, kernels_available
 
 
 @dataclass
@@ -366,6 +367,7 @@ def _report(
     return {
         "model": cfg.name,
         "threads": threads,
+        "kernels": kernel_isa() if kernels_available() else "pytorch fallback",
         "machine": asdict(machine),
         "matmul_parameters": parameter_counts(cfg)[0],
         "rows": decode_rows(cfg, machine, formats, dispatch),
@@ -425,7 +427,8 @@ def markdown_report(result: dict) -> str:
     m = result["machine"]
     flops = ", ".join(f"B={b}: {g:.0f}" for b, g in m["matmul_gflops"].items())
     lines = [
-        f"Model {result['model']}, {result['threads']} threads. Read bandwidth {m['read_gbs']:.1f} GB/s "
+        f"Model {result['model']}, {result['threads']} threads, kernels: {result.get('kernels', '?')}. "
+        f"Read bandwidth {m['read_gbs']:.1f} GB/s "
         f"({m['read_gbs_1thread']:.1f} on 1 thread), triad {m['triad_gbs']:.1f} GB/s; "
         f"MKL fp32 matmul GFLOP/s (cache-warm) {flops}.",
         "",
