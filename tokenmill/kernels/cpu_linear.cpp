@@ -1,4 +1,6 @@
-// Linear layers for small batches on an AVX2 CPU: y[M, N] = x[M, K] @ W[N, K]^T.
+// Linear layers for small batches on an AVX2 CPU: y[M, N] = x[M, K] @ W[N, K]^T. Built with AVX-512 VNNI where
+// the CPU has it (kernels/__init__.py): the integer tiles then multiply-add with vpdpbusd / vpdpwssd, two panels
+// at a time in AVX-512's 32 registers, to the same integer sums and so the same outputs bit for bit.
 //
 // Decode is memory-bound: each step reads every weight once, so the bytes per weight set the speed. These
 // kernels read int8 (1 byte) or packed int4 (half a byte) weights, so the memory traffic shrinks 4-8x. The
@@ -8,7 +10,7 @@
 // Shape of the work, by the number of input rows M:
 // - int4, any M: integer tiles on panels of eight output rows, stored that way at load (int4_tile): each
 //   output one int32 lane, 4-bit weights meeting activations rounded to int8 (one scale per 32) in
-//   vpmaddubsw. One row is memory-bound, many compute-bound; the same code serves both.
+//   vpmaddubsw (vpdpbusd with VNNI). One row is memory-bound, many compute-bound; the same code serves both.
 // - int8 and fp32, one or two rows (decode of one or two sequences; up to kInt8DirectMaxRows, and for fp32
 //   up to kFp32OuterMinRows): memory-bound. Dot products along K, four output rows and two input rows at a
 //   time: int8 weights widen to int16 in registers and meet activations rounded to int16 (one scale per row)
