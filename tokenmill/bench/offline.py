@@ -20,7 +20,7 @@ from tokenmill.bench.workloads import chat_prompts, random_token_prompts, shared
 from tokenmill.config import EngineConfig
 from tokenmill.engine.engine import LLMEngine
 from tokenmill.errors import InvalidParameterError
-from tokenmill.kernels import kernel_isa, kernels_available
+from tokenmill.kernels import kernel_build
 from tokenmill.llm import LLM
 from tokenmill.models.loader import resolve_model_path
 from tokenmill.outputs import RequestOutput
@@ -59,10 +59,9 @@ def bench_tokenmill(
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     split = {name: value - before.get(name, 0.0) for name, value in phases.items()}
     host = sum(value for name, value in split.items() if name != "model")
-    kernels = kernel_isa() if kernels_available() else "pytorch fallback"
     note = (
         f"host overhead {host / seconds:.1%} of wall time (model {split.get('model', 0.0) / seconds:.1%}); "
-        f"kernels {kernels}"
+        f"kernels {kernel_build()}"
     )
     return BenchResult(
         "tokenmill", scenario, len(prompts), tokens, seconds, note=note, extra={"phases": split}

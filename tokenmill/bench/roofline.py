@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenmill.config import ModelConfig
-from tokenmill.kernels import kernel_isa, kernels_available
+from tokenmill.kernels import kernel_build
 
 
 @dataclass
@@ -367,7 +367,7 @@ def _report(
     return {
         "model": cfg.name,
         "threads": threads,
-        "kernels": kernel_isa() if kernels_available() else "pytorch fallback",
+        "kernels": kernel_build(),
         "machine": asdict(machine),
         "matmul_parameters": parameter_counts(cfg)[0],
         "rows": decode_rows(cfg, machine, formats, dispatch),

@@ -51,6 +51,11 @@ def kernel_isa() -> str:
     return wanted
 
 
+def kernel_build() -> str:
+    """What computes for the benchmarks' reports: the kernels' ISA, or the PyTorch fallback."""
+    return kernel_isa() if kernels_available() else "pytorch fallback"
+
+
 def _headers_flag() -> str:
     """torch rebuilds when a source or a flag changes, not a header: the headers' hash rides in a flag."""
     digest = hashlib.sha1(b"".join(header.read_bytes() for header in HEADERS)).hexdigest()[:12]

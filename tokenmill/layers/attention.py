@@ -43,7 +43,7 @@ class AttentionContext:
 
 # An int8 KV cache row is one token's one head: D values rounded to int8 with one scale (the largest |value|
 # / 127), the scale's fp32 bits in the row's last four bytes. Rows stay whole slots of the cache, so block
-# copies, prefix sharing and swapping move them as they move fp16 or fp32 rows. 68 bytes per row at D = 64
+# copies and prefix sharing move them as they move fp16 or fp32 rows. 68 bytes per row at D = 64
 # against fp16's 128: decode attention reads half the bytes.
 KV_SCALE_BYTES = 4
 
@@ -127,9 +127,8 @@ def paged_attention(
                 query, keys, values, is_causal=True, scale=scale, enable_gqa=True
             )
         else:
-            keys = _from_cache(k_cache.index_select(0, span.gather), q.dtype).transpose(0, 1)[
-                None
-            ]  # [1, Hkv, C, D]
+            # [1, Hkv, C, D]
+            keys = _from_cache(k_cache.index_select(0, span.gather), q.dtype).transpose(0, 1)[None]
             values = _from_cache(v_cache.index_select(0, span.gather), q.dtype).transpose(0, 1)[None]
             attended = F.scaled_dot_product_attention(
                 query, keys, values, attn_mask=span.mask, scale=scale, enable_gqa=True

@@ -116,8 +116,8 @@ def _plain(params: SamplingParams) -> bool:
 
 def _sample_rows(logits: torch.Tensor, rows: list[SamplingRow], uniforms: torch.Tensor) -> torch.Tensor:
     """Each sampled row's token by inverse CDF at its uniform. Rows with only a temperature go to our kernel
-    (no [N, V] tensors: ~12 -> ~0.5 ms at batch 64 x 49,152); truncated rows, and rows the kernel hands back
-    (NaN, nothing finite: -1), take the PyTorch path."""
+    (no [N, V] tensors: sample() at batch 64 x 49,152 9.5 -> 1.6 ms); truncated rows, and rows the kernel
+    hands back (NaN, nothing finite: -1), take the PyTorch path."""
     chosen = torch.full((len(rows),), -1, dtype=torch.long)
     plain = [i for i, r in enumerate(rows) if _plain(r.params)]
     if plain and logits.dtype == torch.float32 and logits.dim() == 2 and kernels_available():
