@@ -1,4 +1,5 @@
-"""Decode attention read straight from the paged cache equals the gather + SDPA path it replaces."""
+"""Our attention kernels equal the PyTorch paths they replace: decode read straight from the paged cache
+(against gather + SDPA), and prompts attending their own fresh K/V (against causal SDPA)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,13 @@ import pytest
 import torch
 
 from tokenmill.kernels import kernels_available
-from tokenmill.layers.attention import AttentionContext, dequantize_kv, paged_attention, quantize_kv
+from tokenmill.layers.attention import (
+    AttentionContext,
+    PrefillSpan,
+    dequantize_kv,
+    paged_attention,
+    quantize_kv,
+)
 
 
 # Four sequences: one item per (sequence, KV head). Fewer (sequence, KV head) pairs than two per thread:
@@ -54,6 +61,41 @@ def test_paged_decode_kernel_matches_gather_and_sdpa(heads, kv_heads, dim, lengt
     fast = paged_attention(q, empty, empty, k_cache, v_cache, kernel_ctx, dim**-0.5)
     reference = paged_attention(q, empty, empty, k_cache, v_cache, gather_ctx, dim**-0.5)
     torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+
+
+# Spans of every shape the tiles meet: one row, fewer rows than a tile, a partial key tile, several 64-row
+# blocks (items of one span on both threads); GQA groups of 1-4 and head sizes whose value columns end in a
+# half tile.
+@pytest.mark.parametrize("lengths", [[1], [5, 17, 130, 64, 65], [300], [7, 1, 33]])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 24), (8, 2, 128), (4, 1, 8)])
+def test_prefill_kernel_matches_causal_sdpa(heads, kv_heads, dim, lengths):
+    assert kernels_available()
+    torch.manual_seed(heads * dim + len(lengths))
+    tokens = sum(lengths)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim)  # strided views, as the model passes them
+    q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    q, k, v = q.view(tokens, heads, dim), k.view(tokens, kv_heads, dim), v.view(tokens, kv_heads, dim)
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    spans = [PrefillSpan(start, start + length) for start, length in zip(starts, lengths, strict=True)]
+    cache = torch.zeros(tokens, kv_heads, dim)
+
+    def run(fresh_spans: torch.Tensor | None) -> torch.Tensor:
+        ctx = AttentionContext(slot_mapping=torch.arange(tokens), prefills=spans, fresh_spans=fresh_spans)
+        return paged_attention(q, k, v, cache.clone(), cache.clone(), ctx, dim**-0.5)
+
+    fast = run(torch.tensor([[span.start, span.end] for span in spans]))
+    torch.testing.assert_close(fast, run(None), atol=1e-5, rtol=1e-5)
+
+
+def test_prefill_kernel_refuses_spans_outside_the_batch():
+    assert kernels_available()
+    q = torch.randn(4, 2, 8)
+    for spans in ([[2, 5]], [[3, 3]], [[-1, 2]]):
+        with pytest.raises(RuntimeError, match="outside"):
+            torch.ops.tokenmill.prefill_attention_(torch.empty_like(q), q, q, q, torch.tensor(spans), 1.0)
+    with pytest.raises(RuntimeError, match="multiple of eight"):
+        x = torch.randn(4, 2, 12)
+        torch.ops.tokenmill.prefill_attention_(torch.empty_like(x), x, x, x, torch.tensor([[0, 4]]), 1.0)
 
 
 def test_block_table_pointing_outside_the_cache_is_refused():

@@ -52,6 +52,10 @@ class ModelRunner:
         self.branch_rows: dict[int, tuple[int, int, int]] = {}
         self.branch_taken: dict[int, int] = {}
         self._offsets = torch.arange(self.block_size)
+        # Prompts attending only their own fresh K/V: one kernel call per layer (kernels/cpu_prefill.cpp).
+        self._prefill_kernel = (
+            model.embed.dtype == torch.float32 and cfg.head_dim % 8 == 0 and kernels_available()
+        )
         self.phase_seconds: defaultdict[str, float] = defaultdict(float)
         # Set by execute(keep_hidden=True): the step's final hidden states and each entry's row range.
         self.last_hidden: torch.Tensor | None = None
@@ -141,6 +145,9 @@ class ModelRunner:
                 span.gather = self._slots(seq.block_table, 0, end)
                 span.mask = torch.arange(end).unsqueeze(0) <= torch.arange(start, end).unsqueeze(1)
             ctx.prefills.append(span)
+        fresh = [[span.start, span.end] for span in ctx.prefills if span.gather is None]
+        if fresh and self._prefill_kernel:
+            ctx.fresh_spans = torch.tensor(fresh, dtype=torch.long)
         ctx.slot_mapping = torch.cat(slots)
         return torch.tensor(ids), torch.tensor(positions), ctx, [rows[id(e)] for e in entries]
 

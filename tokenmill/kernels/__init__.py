@@ -21,7 +21,7 @@ import torch
 log = logging.getLogger(__name__)
 SOURCES = [
     Path(__file__).with_name(name)
-    for name in ("cpu_linear.cpp", "cpu_ops.cpp", "cpu_attention.cpp", "cpu_decode.cpp")
+    for name in ("cpu_linear.cpp", "cpu_ops.cpp", "cpu_attention.cpp", "cpu_decode.cpp", "cpu_prefill.cpp")
 ]
 HEADERS = [Path(__file__).with_name(name) for name in ("simd.h", "kernels.h")]
 ISA_FLAGS = {"avx2": [], "avx512vnni": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]}

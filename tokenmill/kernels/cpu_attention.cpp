@@ -24,7 +24,8 @@
 
 namespace {
 
-using tokenmill::exp256;
+using tokenmill::Exps;
+using tokenmill::exp_shifted;
 using tokenmill::sum4x8;
 using tokenmill::sum8;
 
@@ -88,36 +89,6 @@ void score_keys(const float* query, const T* keys, const int64_t* slot_of, int64
     for (; d < D; ++d) total += query[d] * load1(key + d);
     scores[s] = total * scale * row_scale(key, D);
   }
-}
-
-// The largest of eight lanes.
-inline float max8(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-}
-
-// row[0..L) <- exp(row - max(row)), eight lanes at a time; returns the max and the sum of the new row (the
-// normalisation waits for the output: D divisions instead of L, and parts of one context merge by these two).
-struct Exps {
-  float peak, total;
-};
-Exps exp_shifted(float* row, int64_t L) {
-  __m256 peaks = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  int64_t s = 0;
-  for (; s + 8 <= L; s += 8) peaks = _mm256_max_ps(peaks, _mm256_loadu_ps(row + s));
-  float peak = max8(peaks);
-  for (; s < L; ++s) peak = std::max(peak, row[s]);
-  const __m256 shift = _mm256_set1_ps(peak);
-  __m256 acc = _mm256_setzero_ps();
-  for (s = 0; s + 8 <= L; s += 8) {
-    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(row + s), shift));
-    _mm256_storeu_ps(row + s, e);
-    acc = _mm256_add_ps(acc, e);
-  }
-  float total = sum8(acc);
-  for (; s < L; ++s) total += (row[s] = std::exp(row[s] - peak));
-  return {peak, total};
 }
 
 // out[d] = sum_s p[s] * value_s[d] for d0 <= d < D: the columns weigh_values_heads leaves (fewer than 32),

@@ -36,6 +36,8 @@ class AttentionContext:
     decode_gather: torch.Tensor | None = None  # [B * S] cache slots, each row padded to S
     decode_bias: torch.Tensor | None = None  # [B, 1, 1, S] 0 where the key is real, -inf on padding
     prefills: list[PrefillSpan] = field(default_factory=list)
+    # [S, 2] (start, end) of the prefills without `gather`, when our causal kernel attends them (one call).
+    fresh_spans: torch.Tensor | None = None
     # [E, 2] cache slots: once this step's K/V are written, slot [e, 0] is copied to slot [e, 1] (a branch
     # candidate's scratch block needs its parent token's K/V, made in the same step; engine/runner.py).
     slot_copies: torch.Tensor | None = None
@@ -118,7 +120,11 @@ def paged_attention(
     # Prefill spans go to SDPA as 4-D [1, H, L, D]: with 3-D inputs PyTorch takes its unfused "math" path,
     # 2-4x slower than the fused CPU kernel it picks for 4-D (measured: 128 tokens 0.62 -> 0.34 ms,
     # 1024 tokens 58 -> 13 ms).
+    if ctx.fresh_spans is not None:
+        torch.ops.tokenmill.prefill_attention_(out, q, k, v, ctx.fresh_spans, scale)
     for span in ctx.prefills:
+        if span.gather is None and ctx.fresh_spans is not None:
+            continue
         query = q[span.start : span.end].transpose(0, 1)[None]  # [1, Hq, L, D]
         if span.gather is None:
             keys = k[span.start : span.end].transpose(0, 1)[None]
