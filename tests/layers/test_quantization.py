@@ -35,10 +35,13 @@ def test_kernels_build_on_this_machine():
 
 
 def test_int8_round_trip_error_is_within_half_a_step():
-    weight = torch.randn(64, 96)
+    weight = torch.randn(61, 96)  # a last panel of five rows
     quantized = quantize_int8(weight)
+    assert quantized.units.shape == (8, 3, 256)
     error = (dequantize_int8(quantized) - weight).abs()
     assert torch.all(error <= quantized.scales[:, None] / 2 + 1e-6)
+    with pytest.raises(ValueError, match="divisible by 32"):
+        quantize_int8(torch.randn(8, 48))
 
 
 def test_int4_requantising_a_q4_1_grid_is_lossless():
@@ -135,7 +138,7 @@ def test_bad_quantization_options_are_typed_errors():
 
 def _dequantised_reference(hf_model, quantization: str):
     """A copy of the HF model whose linears (and untied LM head) hold exactly what ours compute with: the
-    dequantised weights and, for int4, the activations rounded to int8 in groups of 32."""
+    dequantised weights, meeting activations rounded to int8 in groups of 32."""
     import copy
 
     reference = copy.deepcopy(hf_model)
@@ -147,12 +150,11 @@ def _dequantised_reference(hf_model, quantization: str):
                     module.weight = torch.nn.Parameter(dequantize_int8(quantize_int8(weight)))
                 else:
                     module.weight = torch.nn.Parameter(dequantize_int4(quantize_int4(weight, 32)))
-                    module.register_forward_pre_hook(
-                        lambda _, args: (round_activations_int8_groups(args[0]),)
-                    )
+                module.register_forward_pre_hook(lambda _, args: (round_activations_int8_groups(args[0]),))
         head = reference.get_output_embeddings().weight.data.clone()
         reference.lm_head = torch.nn.Linear(head.shape[1], head.shape[0], bias=False)
         reference.lm_head.weight = torch.nn.Parameter(dequantize_int8(quantize_int8(head)))
+        reference.lm_head.register_forward_pre_hook(lambda _, args: (round_activations_int8_groups(args[0]),))
     return reference
 
 
@@ -185,23 +187,13 @@ def test_smollm2_quality_survives_quantisation(smollm_loaded):
     assert 3 < results[None] < 40, results  # a sane model on English prose, not a broken loader
 
 
-def test_smollm2_quality_holds_on_the_int16_activation_path(smollm_loaded):
-    """Windows of 31 tokens keep every int8 matmul on the kernels' int16-activation path (as in decode of
-    up to 31 sequences); the 256-token windows above go through the fp32 panels instead."""
-    tokens = smollm_loaded.tokenizer.encode(perplexity_text())[:620]
-    results = {}
-    for quantization in (None, "int8"):
-        engine = make_engine(smollm_loaded, quantization=quantization)
-        results[quantization] = perplexity(engine.model, tokens, window=31)
-    assert abs(results["int8"] / results[None] - 1) < 0.01, results
-
-
-def test_smollm2_quality_holds_on_the_int8_activation_path(smollm_loaded):
-    """Windows of 4 tokens (decode-sized) keep every int4 matmul on the vpmaddubsw kernel, nibbles times
-    activations rounded to int8 per 32; the 256-token windows above take the fp32 outer-product tiles."""
+def test_smollm2_quality_holds_on_decode_sized_batches(smollm_loaded):
+    """Windows of 4 tokens run every matmul as decode does (one- and few-row tiles, the one-row prefetching
+    stream); the 256-token windows above take the many-row tiles. Same activation rounding, same bounds."""
     tokens = smollm_loaded.tokenizer.encode(perplexity_text())[:400]
     results = {}
-    for quantization in (None, "int4"):
+    for quantization in (None, "int8", "int4"):
         engine = make_engine(smollm_loaded, quantization=quantization)
         results[quantization] = perplexity(engine.model, tokens, window=4)
+    assert abs(results["int8"] / results[None] - 1) < 0.01, results
     assert abs(results["int4"] / results[None] - 1) < 0.05, results

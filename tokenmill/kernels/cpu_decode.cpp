@@ -28,7 +28,7 @@ enum class Format : int64_t { kFp32 = 0, kInt8 = 1, kInt4 = 2 };
 
 struct Linear {
   Format format;
-  at::Tensor a, b;  // fp32: weight; int8: qweight, scales; int4: blocks
+  at::Tensor a, b;  // fp32: weight; int8: units, scales; int4: blocks
   int64_t rows;  // int4: the output rows (blocks pad them to a multiple of eight)
   std::optional<at::Tensor> bias;
 };

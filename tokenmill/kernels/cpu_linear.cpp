@@ -1,5 +1,5 @@
 // Linear layers for small batches on an AVX2 CPU: y[M, N] = x[M, K] @ W[N, K]^T. Built with AVX-512 VNNI where
-// the CPU has it (kernels/__init__.py): the integer tiles then multiply-add with vpdpbusd / vpdpwssd, two panels
+// the CPU has it (kernels/__init__.py): the integer tiles then multiply-add with vpdpbusd, two panels
 // at a time in AVX-512's 32 registers, to the same integer sums and so the same outputs bit for bit.
 //
 // Decode is memory-bound: each step reads every weight once, so the bytes per weight set the speed. These
@@ -8,19 +8,17 @@
 // Weights still ahead are prefetched into L2 (tokenmill::prefetch_l2).
 //
 // Shape of the work, by the number of input rows M:
-// - int4, any M: integer tiles on panels of eight output rows, stored that way at load (int4_tile): each
-//   output one int32 lane, 4-bit weights meeting activations rounded to int8 (one scale per 32) in
-//   vpmaddubsw (vpdpbusd with VNNI). One row is memory-bound, many compute-bound; the same code serves both.
-// - int8 and fp32, one or two rows (decode of one or two sequences; up to kInt8DirectMaxRows, and for fp32
-//   up to kFp32OuterMinRows): memory-bound. Dot products along K, four output rows and two input rows at a
-//   time: int8 weights widen to int16 in registers and meet activations rounded to int16 (one scale per row)
-//   in vpmaddwd, scales applied to the integer sums; fp32 weights run the same shape with FMAs.
-// - More rows: compute-bound, so the multiply units set the pace and every output must stay in a register
-//   for the whole of K. fp32: output rows go sixteen at a time, stored K-major ([k][16], two vectors per k)
-//   in slices of K small enough to stay in L1 between packing and use; each block of up to six input rows
+// - int8 and int4, any M: integer tiles on panels of eight output rows, stored that way at load (int8_tile,
+//   int4_tile): each output one int32 lane, the weights meeting activations rounded to int8 (one scale per 32)
+//   in vpdpbusd (vpmaddubsw without VNNI). One row is memory-bound, many compute-bound; the same code serves
+//   both, and a sequence's outputs do not depend on how many rows share its batch.
+// - fp32, up to kFp32OuterMinRows: memory-bound. Dot products along K, four output rows and up to three
+//   input rows at a time.
+// - fp32, more rows: compute-bound, so the multiply units set the pace and every output must stay in a
+//   register for the whole of K. Output rows go sixteen at a time, stored K-major ([k][16], two vectors per
+//   k) in slices of K small enough to stay in L1 between packing and use; each block of up to six input rows
 //   then runs a 6x16 outer-product tile: per k two weight loads, one broadcast per row, twelve FMAs, and no
-//   horizontal sums. int8: integer tiles on panels of eight output rows repacked as they go (int8_tile), the
-//   same activation rounding as the direct kernel.
+//   horizontal sums.
 #include <immintrin.h>
 
 #include <ATen/Parallel.h>
@@ -80,15 +78,6 @@ inline void run_dot_tiles(const float* panel, int64_t panel_stride, const float*
 
 inline float sum8_epi32(__m256i v) { return sum8(_mm256_cvtepi32_ps(v)); }
 
-// A few input rows as int16 with one fp32 scale per row: x ~ xq * scale. With integer activations the
-// weights need widening only to int16, and vpmaddwd multiplies sixteen of them and adds pairs in one
-// instruction, against four instructions per eight weights to widen to fp32 and FMA. 16 bits keep the
-// rounding at 2^-16 of the row's largest value (SmolLM2's perplexity test bounds hold unchanged).
-struct Int16Rows {
-  std::vector<int16_t> q;  // [M, K]
-  std::vector<float> scale;  // [M]
-};
-
 // The largest |v[k]| of n values (n a multiple of 8).
 inline float largest_abs(const float* v, int64_t n) {
   const __m256 sign = _mm256_set1_ps(-0.f);
@@ -98,29 +87,6 @@ inline float largest_abs(const float* v, int64_t n) {
   p = _mm_max_ps(p, _mm_movehl_ps(p, p));
   p = _mm_max_ss(p, _mm_shuffle_ps(p, p, 1));
   return _mm_cvtss_f32(p);
-}
-
-inline Int16Rows quantize_rows_int16(const float* x, int64_t M, int64_t K) {
-  Int16Rows rows;
-  rows.q.resize(M * K);
-  rows.scale.resize(M);
-  at::parallel_for(0, M, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) {
-      const float* row = x + m * K;
-      const float largest = largest_abs(row, K);
-      rows.scale[m] = largest / 32767.f;
-      const __m256 inverse = _mm256_set1_ps(largest > 0 ? 32767.f / largest : 0.f);
-      int16_t* out = rows.q.data() + m * K;
-      for (int64_t k = 0; k < K; k += 16) {
-        // vcvtps2dq rounds to nearest even; packs interleaves 128-bit halves, the permute restores order.
-        const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + k), inverse));
-        const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + k + 8), inverse));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k),
-                            _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8));
-      }
-    }
-  });
-  return rows;
 }
 
 // 32 values rounded to int8 with one scale, the largest |v| / 127 (vcvtps2dq rounds to nearest even, as
@@ -144,66 +110,11 @@ inline Int8Block round_block_int8(const float* v) {
   return {bytes, largest / 127.f, sum8_epi32(total)};
 }
 
-// acc + the products of a and b's int16 lanes, added in pairs into int32 lanes: one vpdpwssd with AVX-512 VNNI,
-// vpmaddwd and vpaddd without.
-inline __m256i dot_pairs(__m256i acc, __m256i a, __m256i b) {
-#ifdef __AVX512VNNI__
-  return _mm256_dpwssd_epi32(acc, a, b);
-#else
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
-#endif
-}
-
 inline __m256i broadcast4(const void* p) {
   int32_t word;
   std::memcpy(&word, p, sizeof(word));
   return _mm256_set1_epi32(word);
 }
-
-// int32 sums stay exact over this many weights: per lane and 32 weights, four products of at most
-// 127 * 32767, so 64 steps reach 1.07e9 < 2^31. Longer rows flush to fp32 every chunk.
-constexpr int64_t kInt16Chunk = 2048;
-
-// For a few input rows decoding into a buffer costs more than it saves: widen the weights in registers and
-// multiply at once. Scales apply after the integer sums (int8: per row; int4: per group).
-// x rows m0 .. m0 + MB - 1 times four weight rows; y points at output (m0, n0).
-template <int MB>
-inline void int8_direct(const int8_t* q, const float* scales, const Int16Rows& x, int64_t m0, float* y,
-                        int64_t N, int64_t K) {
-  const int16_t* xq = x.q.data() + m0 * K;
-  float total[kRows][MB] = {};
-  for (int64_t k0 = 0; k0 < K; k0 += kInt16Chunk) {
-    const int64_t k1 = std::min(K, k0 + kInt16Chunk);
-    __m256i acc[kRows][MB];
-    UNROLL for (int n = 0; n < kRows; ++n)
-      UNROLL for (int m = 0; m < MB; ++m) acc[n][m] = _mm256_setzero_si256();
-    for (int64_t k = k0; k < k1; k += 32) {
-      __m256i xv[MB][2];
-      UNROLL for (int m = 0; m < MB; ++m) {
-        xv[m][0] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + k));
-        xv[m][1] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + k + 16));
-      }
-      UNROLL for (int n = 0; n < kRows; ++n) {
-        // Rows are short (K bytes), too short for the hardware prefetcher to ramp up: fetch panels ahead.
-        if (k % 64 == 0) prefetch_l2(q + (n + kAhead) * K + k);
-        const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + n * K + k));
-        const __m256i w0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(bytes));
-        const __m256i w1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(bytes, 1));
-        UNROLL for (int m = 0; m < MB; ++m) acc[n][m] = dot_pairs(dot_pairs(acc[n][m], w0, xv[m][0]), w1, xv[m][1]);
-      }
-    }
-    UNROLL for (int n = 0; n < kRows; ++n)
-      UNROLL for (int m = 0; m < MB; ++m) total[n][m] += sum8_epi32(acc[n][m]);
-  }
-  UNROLL for (int m = 0; m < MB; ++m)
-    UNROLL for (int n = 0; n < kRows; ++n) y[m * N + n] = total[n][m] * scales[n] * x.scale[m0 + m];
-}
-
-// Up to this many input rows int8's direct kernel runs (two input rows per pass, the 4-row weight panel re-read
-// from L1); from the next row on, the integer tiles below (activations rounded the same way, so the integer
-// sums are the same). SmolLM2's 120 matmuls, two threads, direct vs tiles: 2 rows 4.6 vs 5.3 ms, 3 rows 6.3
-// vs 5.9, 8 rows 11.6 vs 9.4.
-constexpr int64_t kInt8DirectMaxRows = 2;
 
 constexpr int64_t kPanel = 16;  // output rows per panel of fp32's outer-product path: two vectors
 constexpr int64_t kTileRows = 6;  // input rows per tile: 12 accumulators + 2 weights + 1 broadcast registers
@@ -340,31 +251,6 @@ at::Tensor check_input(const at::Tensor& x, int64_t K) {
   return x.contiguous();
 }
 
-// prepare(x, M, K) rounds the activations for the direct path (Int16Rows);
-// direct(n0, rows, m0, y, MB) multiplies one 4-row weight panel by prepared rows m0 .. m0 + MB - 1 (MB <= 2);
-// more rows than direct_max_rows go to many(x, M, y), the format's tiles.
-template <typename Prepare, typename Direct, typename Many>
-at::Tensor quantized_linear(const at::Tensor& x_in, int64_t N, int64_t K, int64_t direct_max_rows,
-                            Prepare prepare, Direct direct, Many many) {
-  at::Tensor x = check_input(x_in, K);
-  TORCH_CHECK(N % kRows == 0 && K % 32 == 0, "need N % 4 == 0 and K % 32 == 0");
-  const int64_t M = x.size(0);
-  at::Tensor y = at::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  if (M <= direct_max_rows) {
-    const auto rows = prepare(xp, M, K);
-    at::parallel_for(0, N / kRows, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p)
-        for (int64_t m0 = 0; m0 < M; m0 += 2)
-          direct(p * kRows, rows, m0, yp + m0 * N + p * kRows, std::min<int64_t>(2, M - m0));
-    });
-  } else {
-    many(xp, M, yp);
-  }
-  return y;
-}
-
 // int4: integer tiles at every row count. vpmaddubsw does 32 byte products (and adds pairs) per instruction
 // against an FMA's 8; with 4-bit weights a pair is at most 2 x 15 x 127, so eight of them add up in int16
 // before one vpmaddwd widens a block of 32 to int32. The weights are stored as the tiles read them
@@ -378,6 +264,7 @@ struct Int8Blocks {
   std::vector<int8_t> q;  // [M, K]
   std::vector<float> scale;  // [M, K / 32]
   std::vector<float> offset;  // [M, K / 32]: scale * the block's sum, which multiplies the weights' minimum
+  std::vector<int32_t> sum;  // [M, K / 32]: the block's sum of rounded values
 };
 
 inline Int8Blocks quantize_blocks_int8(const float* x, int64_t M, int64_t K) {
@@ -385,6 +272,7 @@ inline Int8Blocks quantize_blocks_int8(const float* x, int64_t M, int64_t K) {
   rows.q.resize(M * K);
   rows.scale.resize(M * K / 32);
   rows.offset.resize(M * K / 32);
+  rows.sum.resize(M * K / 32);
   at::parallel_for(0, M, 8, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m)
       for (int64_t k = 0; k < K; k += 32) {
@@ -392,6 +280,7 @@ inline Int8Blocks quantize_blocks_int8(const float* x, int64_t M, int64_t K) {
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(rows.q.data() + m * K + k), block.bytes);
         rows.scale[(m * K + k) / 32] = block.scale;
         rows.offset[(m * K + k) / 32] = block.scale * block.sum;
+        rows.sum[(m * K + k) / 32] = static_cast<int32_t>(block.sum);
       }
   });
   return rows;
@@ -601,109 +490,124 @@ inline void int4_tiles(const uint8_t* units, const Int8Blocks& x, int64_t M, int
   });
 }
 
-// int8's many-row path: int16 tiles. The weights widen to int16 and meet the activations rounded to int16
-// (one scale per row, as in the direct kernel) in vpmaddwd: per 16 products one vpmaddwd and one vpaddd
-// against two FMAs, and where the FMAs have two of the four vector pipes, integer adds have all four. A
-// panel is eight output rows, stored per pair of k as 8 x 2 int16; one broadcast of the input row's pair of
-// activations meets it, and each int32 lane is one output. Sums go to fp32 every kInt16TileChunk values of
-// k: per lane that many products of at most 128 x 32767 stay below 2^31.
-constexpr int64_t kInt16TileChunk = 512;
+// int8: the same integer tiles, on bytes. The weights are stored as the tiles read them (quantization.py's
+// INT8_UNIT): a panel of eight output rows, and per block of 32 inputs eight 32-byte vectors, vector j holding
+// each row's weights 4j .. 4j + 3 (row r at bytes 4r .. 4r + 3); one fp32 scale per output row, applied once
+// at the end. The activations are int8 per 32 as for int4, so per block and row only the activations' scale
+// remains to apply: one convert and one FMA per eight vpdpbusd, against int4's convert, multiply and two FMAs.
+// Measured on two threads, 3072 x 576 at 64 rows: int16 activations (before) 204, int4 282, this 335 GMAC/s.
+// vpdpbusd multiplies unsigned by signed bytes: the weights go in as w + 128 (their sign bit flipped) and each
+// block's sums start at -128 x the block's activation sum, so they end exact. Without VNNI, vpmaddubsw takes
+// |x| against w with x's sign (pairs of at most 2 x 127 x 127 fit int16), widened at once by vpmaddwd: the
+// same exact sums, so the same outputs bit for bit.
+constexpr int64_t kInt8Unit = 256;  // bytes per panel and block of 32 inputs
 
-// Rows n0 .. n0 + width - 1 of int8 weights over all of K, as [K / 2][8 rows][2] int16 (rows past `width`
-// zero): widened sixteen values at a time, then a transpose of 4-byte words (the pairs).
-inline void pack_int8_panel(const int8_t* q, int64_t K, int64_t width, int16_t* out) {
-  for (int64_t k = 0; k < K; k += 16) {
-    if (k % 64 == 0) {  // the next panel's rows: weights stream from memory
-      UNROLL for (int n = 0; n < kInt4Panel; ++n) prefetch_l2(q + (n + kInt4Panel) * K + k);
-    }
-    __m256 r[kInt4Panel];
-    UNROLL for (int n = 0; n < kInt4Panel; ++n)
-      r[n] = n < width ? _mm256_castsi256_ps(_mm256_cvtepi8_epi16(
-                             _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + n * K + k))))
-                       : _mm256_setzero_ps();
-    transpose8(r);
-    UNROLL for (int j = 0; j < 8; ++j) _mm256_store_ps(reinterpret_cast<float*>(out + (k + 2 * j) * 8), r[j]);
-  }
-}
-
-// MB input rows (from m0) times NB packed panels ([NB][K / 2][8][2]) with their rows' scales ([NB][8]); y
-// points at output (m0, n0), and `width` is the last panel's (the others are full).
-template <int MB, int NB>
-inline void int8_tile(const int16_t* panel, const float* scales, const Int16Rows& x, int64_t m0, int64_t K,
-                      float* y, int64_t N, int64_t width) {
-  const int16_t* xq = x.q.data() + m0 * K;
-  __m256 acc[NB][MB];
-  UNROLL for (int n = 0; n < NB; ++n) UNROLL for (int m = 0; m < MB; ++m) acc[n][m] = _mm256_setzero_ps();
-  for (int64_t k0 = 0; k0 < K; k0 += kInt16TileChunk) {
-    const int64_t k1 = std::min(K, k0 + kInt16TileChunk);
-    __m256i sums[NB][MB];
-    UNROLL for (int n = 0; n < NB; ++n) UNROLL for (int m = 0; m < MB; ++m) sums[n][m] = _mm256_setzero_si256();
-    _Pragma("GCC unroll 4") for (int64_t k = k0; k < k1; k += 2) {
-      __m256i w[NB];
-      UNROLL for (int n = 0; n < NB; ++n)
-        w[n] = _mm256_load_si256(reinterpret_cast<const __m256i*>(panel + (n * K + k) * 8));
-      UNROLL for (int m = 0; m < MB; ++m) {
-        const __m256i pair = broadcast4(xq + m * K + k);
-        UNROLL for (int n = 0; n < NB; ++n) sums[n][m] = dot_pairs(sums[n][m], w[n], pair);
-      }
-    }
-    UNROLL for (int n = 0; n < NB; ++n)
-      UNROLL for (int m = 0; m < MB; ++m) acc[n][m] = _mm256_add_ps(acc[n][m], _mm256_cvtepi32_ps(sums[n][m]));
-  }
-  UNROLL for (int n = 0; n < NB; ++n) {
-    const __m256 scale = _mm256_loadu_ps(scales + n * kInt4Panel);
-    UNROLL for (int m = 0; m < MB; ++m) {
-      const __m256 out = _mm256_mul_ps(_mm256_mul_ps(acc[n][m], scale), _mm256_set1_ps(x.scale[m0 + m]));
-      store_panel_row(y + m * N + n * kInt4Panel, out, n < NB - 1 ? kInt4Panel : width);
-    }
-  }
-}
-
-constexpr int64_t kInt8TileRows = 6;
-// Panels per int8 tile: with AVX-512's 32 registers two panels share each broadcast of the activations.
 #ifdef __AVX512VNNI__
 constexpr int kInt8Panels = 2;
 #else
 constexpr int kInt8Panels = 1;
 #endif
 
+template <int MB, int NB>
+inline void int8_tile(const int8_t* panel, int64_t blocks, const Int8Blocks& x, int64_t m0, const float* scales,
+                      float* y, int64_t N, int64_t width, bool stream) {
+  const int64_t K = blocks * 32;
+  const int8_t* xq = x.q.data() + m0 * K;
+  const float* xs = x.scale.data() + m0 * blocks;
+#ifdef __AVX512VNNI__
+  const int32_t* xsum = x.sum.data() + m0 * blocks;
+  const __m256i flip = _mm256_set1_epi8(-128);
+#else
+  static_assert(NB == 1, "AVX2 has the registers for one panel");
+  const __m256i ones = _mm256_set1_epi16(1);
+#endif
+  __m256 acc[NB][MB];
+  UNROLL for (int n = 0; n < NB; ++n) UNROLL for (int m = 0; m < MB; ++m) acc[n][m] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int8_t* unit[NB];
+    UNROLL for (int n = 0; n < NB; ++n) {
+      unit[n] = panel + kInt8Unit * (n * blocks + b);
+      if (stream) UNROLL for (int c = 0; c < 4; ++c) prefetch_l2(unit[n] + kInt4Ahead + 64 * c);
+    }
+    __m256i sums[NB][MB];
+    UNROLL for (int m = 0; m < MB; ++m) {
+#ifdef __AVX512VNNI__
+      const __m256i start = _mm256_set1_epi32(-128 * xsum[m * blocks + b]);
+#else
+      const __m256i start = _mm256_setzero_si256();
+#endif
+      UNROLL for (int n = 0; n < NB; ++n) sums[n][m] = start;
+    }
+    UNROLL for (int j = 0; j < 8; ++j) {
+      __m256i w[NB];
+      UNROLL for (int n = 0; n < NB; ++n) w[n] = _mm256_load_si256(reinterpret_cast<const __m256i*>(unit[n] + 32 * j));
+#ifdef __AVX512VNNI__
+      UNROLL for (int n = 0; n < NB; ++n) w[n] = _mm256_xor_si256(w[n], flip);
+#endif
+      UNROLL for (int m = 0; m < MB; ++m) {
+        const __m256i xb = broadcast4(xq + m * K + 32 * b + 4 * j);
+#ifdef __AVX512VNNI__
+        UNROLL for (int n = 0; n < NB; ++n) sums[n][m] = _mm256_dpbusd_epi32(sums[n][m], w[n], xb);
+#else
+        const __m256i magnitude = _mm256_abs_epi8(xb);
+        UNROLL for (int n = 0; n < NB; ++n)
+          sums[n][m] = _mm256_add_epi32(
+              sums[n][m], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(w[n], xb)), ones));
+#endif
+      }
+    }
+    UNROLL for (int m = 0; m < MB; ++m) {
+      const __m256 scale = _mm256_broadcast_ss(xs + m * blocks + b);
+      UNROLL for (int n = 0; n < NB; ++n) acc[n][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[n][m]), scale, acc[n][m]);
+    }
+  }
+  UNROLL for (int n = 0; n < NB; ++n) {
+    const __m256 scale = _mm256_loadu_ps(scales + n * kInt4Panel);
+    UNROLL for (int m = 0; m < MB; ++m)
+      store_panel_row(y + m * N + n * kInt4Panel, _mm256_mul_ps(acc[n][m], scale), n < NB - 1 ? kInt4Panel : width);
+  }
+}
+
 template <int NB>
-inline void int8_rows(const int16_t* panel, const float* scales, const Int16Rows& x, int64_t M, int64_t K, float* y,
-                      int64_t N, int64_t n0, int64_t width) {
-  int64_t m = 0;
-  for (; m + kInt8TileRows <= M; m += kInt8TileRows)
-    int8_tile<kInt8TileRows, NB>(panel, scales, x, m, K, y + m * N + n0, N, width);
-  switch (M - m) {
-    case 5: int8_tile<5, NB>(panel, scales, x, m, K, y + m * N + n0, N, width); break;
-    case 4: int8_tile<4, NB>(panel, scales, x, m, K, y + m * N + n0, N, width); break;
-    case 3: int8_tile<3, NB>(panel, scales, x, m, K, y + m * N + n0, N, width); break;
-    case 2: int8_tile<2, NB>(panel, scales, x, m, K, y + m * N + n0, N, width); break;
-    case 1: int8_tile<1, NB>(panel, scales, x, m, K, y + m * N + n0, N, width); break;
+inline void int8_rows(const int8_t* panel, int64_t blocks, const Int8Blocks& x, int64_t m0, int64_t m1,
+                      const float* scales, float* y, int64_t N, int64_t n0, int64_t width) {
+  int64_t m = m0;
+  const auto tile = [&](auto rows) {
+    int8_tile<decltype(rows)::value, NB>(panel, blocks, x, m, scales, y + m * N + n0, N, width, m == m0);
+  };
+  for (; m + kInt4TileRows <= m1; m += kInt4TileRows) tile(std::integral_constant<int, kInt4TileRows>{});
+  switch (m1 - m) {
+    case 3: tile(std::integral_constant<int, 3>{}); break;
+    case 2: tile(std::integral_constant<int, 2>{}); break;
+    case 1: tile(std::integral_constant<int, 1>{}); break;
     default: break;
   }
 }
 
-inline void int8_tiles(const int8_t* q, const float* scales, const Int16Rows& x, int64_t M, int64_t N, int64_t K,
-                       float* y) {
+// As int4_tiles: threads split the panels, each meets the rows while it sits in L1. One or two rows take a
+// panel at a time (one sequential stream per thread).
+inline void int8_tiles(const int8_t* units, const float* scales, const Int8Blocks& x, int64_t M, int64_t N,
+                       int64_t K, float* y) {
+  const int64_t blocks = K / 32;
   at::parallel_for(0, (N + kInt4Panel - 1) / kInt4Panel, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int16_t> storage(kInt8Panels * K * kInt4Panel + 16);
-    int16_t* panel = storage.data() + (-reinterpret_cast<uintptr_t>(storage.data()) / 2) % 16;
     alignas(32) float panel_scales[kInt8Panels * kInt4Panel];
-    for (int64_t p = begin; p < end;) {
-      const int64_t panels = std::min<int64_t>(kInt8Panels, end - p), n0 = p * kInt4Panel;
-      int64_t width = kInt4Panel;
-      for (int64_t j = 0; j < panels; ++j) {
-        width = std::min(kInt4Panel, N - n0 - j * kInt4Panel);
-        pack_int8_panel(q + (n0 + j * kInt4Panel) * K, K, width, panel + j * K * kInt4Panel);
+    for (int64_t m0 = 0; m0 < M; m0 += kInt4RowChunk) {
+      const int64_t m1 = std::min(M, m0 + kInt4RowChunk);
+      for (int64_t p = begin; p < end;) {
+        const int64_t panels = M > 2 ? std::min<int64_t>(kInt8Panels, end - p) : 1;
+        const int64_t n0 = p * kInt4Panel, width = std::min(kInt4Panel, N - n0 - (panels - 1) * kInt4Panel);
+        for (int64_t n = 0; n < panels * kInt4Panel; ++n) panel_scales[n] = n0 + n < N ? scales[n0 + n] : 0.f;
+        const int8_t* panel = units + p * blocks * kInt8Unit;
+        if constexpr (kInt8Panels > 1) {
+          if (panels == kInt8Panels) {
+            int8_rows<kInt8Panels>(panel, blocks, x, m0, m1, panel_scales, y, N, n0, width);
+            p += panels;
+            continue;
+          }
+        }
+        int8_rows<1>(panel, blocks, x, m0, m1, panel_scales, y, N, n0, width);
+        p += 1;
       }
-      for (int64_t n = 0; n < panels * kInt4Panel; ++n) panel_scales[n] = n0 + n < N ? scales[n0 + n] : 0.f;
-      if constexpr (kInt8Panels > 1) {
-        if (panels == kInt8Panels) int8_rows<kInt8Panels>(panel, panel_scales, x, M, K, y, N, n0, width);
-        else int8_rows<1>(panel, panel_scales, x, M, K, y, N, n0, width);
-      } else {
-        int8_rows<1>(panel, panel_scales, x, M, K, y, N, n0, width);
-      }
-      p += panels;
     }
   });
 }
@@ -712,21 +616,22 @@ inline void int8_tiles(const int8_t* q, const float* scales, const Int16Rows& x,
 
 namespace tokenmill {
 
-// Outer-product panels hold the dequantised weights (q * scale, as the PyTorch reference computes them); the
-// direct path's integer sums are scaled once at the end (activations rounded to int16, as the fallback does).
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
-  TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.is_contiguous(), "qweight must be contiguous int8");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == qweight.size(0), "one fp32 scale per row");
-  const int64_t N = qweight.size(0), K = qweight.size(1);
-  const int8_t* q = qweight.data_ptr<int8_t>();
-  const float* s = scales.data_ptr<float>();
-  return quantized_linear(
-      x, N, K, kInt8DirectMaxRows, quantize_rows_int16,
-      [&](int64_t n0, const Int16Rows& rows, int64_t m0, float* yp, int64_t M) {
-        if (M == 1) int8_direct<1>(q + n0 * K, s + n0, rows, m0, yp, N, K);
-        else int8_direct<2>(q + n0 * K, s + n0, rows, m0, yp, N, K);
-      },
-      [&](const float* xp, int64_t M, float* yp) { int8_tiles(q, s, quantize_rows_int16(xp, M, K), M, N, K, yp); });
+// units: quantization.py's Int8Weight.units, int8 [ceil(N / 8), K / 32, 256]; scales: fp32 [N].
+at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& units, const at::Tensor& scales) {
+  TORCH_CHECK(units.scalar_type() == at::kChar && units.is_contiguous() && units.dim() == 3 &&
+                  units.size(2) == kInt8Unit,
+              "units must be contiguous int8 [ceil(N / 8), K / 32, 256]");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(units.data_ptr()) % 32 == 0, "units must be 32-byte aligned");
+  const int64_t N = scales.numel(), K = units.size(1) * 32;
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && N > 0 &&
+                  units.size(0) == (N + kInt4Panel - 1) / kInt4Panel,
+              "one fp32 scale per output row");
+  at::Tensor x = check_input(x_in, K);
+  const int64_t M = x.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M > 0) int8_tiles(units.data_ptr<int8_t>(), scales.data_ptr<float>(),
+                        quantize_blocks_int8(x.data_ptr<float>(), M, K), M, N, K, y.data_ptr<float>());
+  return y;
 }
 
 // blocks: quantization.py's Int4Weight.blocks, uint8 [ceil(N / 8), K / 32, 160]; N: the output rows.
@@ -778,7 +683,7 @@ at::Tensor fp32_linear(const at::Tensor& x_in, const at::Tensor& weight) {
 }  // namespace tokenmill
 
 TORCH_LIBRARY(tokenmill, m) {
-  m.def("int8_linear(Tensor x, Tensor qweight, Tensor scales) -> Tensor");
+  m.def("int8_linear(Tensor x, Tensor units, Tensor scales) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor blocks, int rows) -> Tensor");
   m.def("fp32_linear(Tensor x, Tensor weight) -> Tensor");
 }

@@ -7,9 +7,10 @@ cannot. fp16 scale and minimum: 4 bytes per 32 weights instead of 8, 0.625 bytes
 which a memory-bound decode step reads 17% faster (rounding them costs nothing measurable: see
 `tokenmill bench quality`).
 
-int4 is stored the way its kernel reads it (`Int4Weight`): eight output rows side by side, so that the eight
-outputs of a panel are the eight lanes of one vector, and each panel's weights, scales and minimums are one
-sequential stream. The kernel then needs no horizontal sums and no repacking, at one row or a thousand.
+Both are stored the way their kernels read them (`Int8Weight`, `Int4Weight`): eight output rows side by side,
+so that the eight outputs of a panel are the eight lanes of one vector, and each panel's weights (and int4's
+scales and minimums) are one sequential stream. The kernels then need no horizontal sums and no repacking,
+at one row or a thousand.
 """
 
 from __future__ import annotations
@@ -20,19 +21,25 @@ import torch
 
 from tokenmill.config import INT4_GROUP_SIZES
 
+# int8 storage, as its kernel reads it: panels of INT8_PANEL output rows; per panel and block of 32 inputs,
+# one INT8_UNIT-byte unit of eight 32-byte vectors, vector j holding row r's weights 4j .. 4j + 3 at bytes
+# 4r .. 4r + 3. One fp32 scale per output row beside them.
+INT8_PANEL = 8
+INT8_UNIT = 256
+
 
 @dataclass(slots=True)
 class Int8Weight:
-    qweight: torch.Tensor  # int8 [N, K]
+    units: torch.Tensor  # int8 [ceil(N / 8), K / 32, 256]; rows past N are zero
     scales: torch.Tensor  # fp32 [N]
 
     @property
     def nbytes(self) -> int:
-        return self.qweight.nbytes + self.scales.nbytes
+        return self.units.nbytes + self.scales.nbytes
 
     @property
     def in_features(self) -> int:
-        return self.qweight.shape[1]
+        return self.units.shape[1] * 32
 
 
 # int4 storage: panels of INT4_PANEL output rows; per panel and block of 32 inputs, one INT4_UNIT-byte unit:
@@ -58,14 +65,24 @@ class Int4Weight:
 
 
 def quantize_int8(weight: torch.Tensor) -> Int8Weight:
+    rows, cols = weight.shape
+    if cols % 32:
+        raise ValueError(f"int8 weights need a row length divisible by 32, not {cols}")
     weight = weight.float()
     scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-    qweight = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)
-    return Int8Weight(qweight.contiguous(), scales.contiguous())
+    q = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    panels = -(-rows // INT8_PANEL)
+    if panels * INT8_PANEL != rows:
+        q = torch.cat([q, q.new_zeros(panels * INT8_PANEL - rows, cols)])
+    units = q.reshape(panels, INT8_PANEL, cols // 32, 8, 4).permute(0, 2, 3, 1, 4)
+    return Int8Weight(units.reshape(panels, cols // 32, INT8_UNIT).contiguous(), scales.contiguous())
 
 
 def dequantize_int8(weight: Int8Weight) -> torch.Tensor:
-    return weight.qweight.float() * weight.scales[:, None]
+    panels, blocks, _ = weight.units.shape
+    q = weight.units.reshape(panels, blocks, 8, INT8_PANEL, 4).permute(0, 3, 1, 2, 4)
+    rows = weight.scales.numel()
+    return q.reshape(panels * INT8_PANEL, blocks * 32)[:rows].float() * weight.scales[:, None]
 
 
 _FP16_MAX = torch.finfo(torch.float16).max
@@ -113,22 +130,11 @@ def _pack_int4(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> Int
     return Int4Weight(units.contiguous(), rows)
 
 
-def round_activations_int16(x: torch.Tensor) -> torch.Tensor:
-    """x as the decode kernels see it: int16 per row (scale = the row's largest |x| / 32767), back in fp32.
-
-    The kernels for one or two rows multiply int16 activations by integer weights (see cpu_linear.cpp);
-    the fallback rounds the same way so both paths give the same numbers.
-    """
-    largest = x.abs().amax(dim=-1, keepdim=True)
-    inverse = torch.where(largest > 0, 32767.0 / largest, torch.zeros_like(largest))
-    return torch.round(x * inverse) * (largest / 32767.0)
-
-
 def round_activations_int8_groups(x: torch.Tensor) -> torch.Tensor:
-    """x as the int4 decode kernel sees it: int8 per 32 values (scale = their largest |x| / 127), in fp32.
+    """x as the int8 and int4 kernels see it: int8 per 32 values (scale = their largest |x| / 127), in fp32.
 
-    Unsigned 4-bit weights times signed 8-bit activations is one vpmaddubsw per 32 pairs (cpu_linear.cpp);
-    groups of 32 keep an outlier from flattening the rest of its row, as in llama.cpp's Q8 blocks.
+    Byte weights times byte activations is one vpdpbusd per 32 products (cpu_linear.cpp); groups of 32 keep
+    an outlier from flattening the rest of its row, as in llama.cpp's Q8 blocks.
     """
     groups = x.reshape(*x.shape[:-1], x.shape[-1] // 32, 32)
     largest = groups.abs().amax(dim=-1, keepdim=True)

@@ -178,7 +178,7 @@ def _stack_arguments(linear: Linear) -> tuple[int, torch.Tensor, torch.Tensor, i
     """(format, tensors, rows) as DecodeStack.add_linear takes them; an unused slot holds an empty tensor."""
     empty = torch.empty(0)
     if isinstance(linear, Int8Linear):
-        return 1, linear.quantized.qweight, linear.quantized.scales, 0
+        return 1, linear.quantized.units, linear.quantized.scales, 0
     if isinstance(linear, Int4Linear):
         return 2, linear.quantized.blocks, empty, linear.quantized.rows
     assert isinstance(linear, DenseLinear)
