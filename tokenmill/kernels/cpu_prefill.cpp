@@ -90,7 +90,7 @@ struct Item {
   int64_t start, kv_head, first, last;  // the span's first row in the batch; query rows [first, last) of it
 };
 
-// One item: query rows [first, last) of the span at `start`, all query heads of KV head h.
+// The step's tensors as pointers and strides (elements), shared by every item.
 struct Views {
   const float *q, *k, *v;
   float* out;
@@ -98,6 +98,8 @@ struct Views {
   float scale;
 };
 
+// One item: query rows [first, last) of the span at `start`, all query heads of its KV head. keys, scores:
+// the thread's buffers, reused from item to item.
 void attend_item(const Views& t, const Item& item, std::vector<float>& keys, std::vector<float>& scores) {
   const int64_t D = t.D, context = item.last, width = round_up(context, kTileKeys);
   keys.resize(width * D + 16);
