@@ -117,11 +117,12 @@ def paged_attention(
             q[:b].unsqueeze(2), keys, values, attn_mask=ctx.decode_bias, scale=scale, enable_gqa=True
         )
         out[:b] = attended.squeeze(2)
-    # Prefill spans go to SDPA as 4-D [1, H, L, D]: with 3-D inputs PyTorch takes its unfused "math" path,
-    # 2-4x slower than the fused CPU kernel it picks for 4-D (measured: 128 tokens 0.62 -> 0.34 ms,
-    # 1024 tokens 58 -> 13 ms).
+    # Prompts over their own fresh K/V: our causal kernel, all of them in one call (~4x SDPA's speed).
     if ctx.fresh_spans is not None:
         torch.ops.tokenmill.prefill_attention_(out, q, k, v, ctx.fresh_spans, scale)
+    # The other prefill spans go to SDPA as 4-D [1, H, L, D]: with 3-D inputs PyTorch takes its unfused
+    # "math" path, 2-4x slower than the fused CPU kernel it picks for 4-D (measured: 128 tokens 0.62 ->
+    # 0.34 ms, 1024 tokens 58 -> 13 ms).
     for span in ctx.prefills:
         if span.gather is None and ctx.fresh_spans is not None:
             continue
