@@ -435,21 +435,27 @@ constexpr int64_t kInt4TileRows = 4;  // 4, 5 and 6 measured alike; 3 ~30% slowe
 // while every panel meets them.
 constexpr int64_t kInt4RowChunk = 256;  // 128 measured alike; without chunks 1024 rows ran ~5% slower
 
-// Rows m0 .. m1 - 1 times one panel (output rows n0 ..): kInt4TileRows at a time, then the rest.
+// Rows m0 .. m1 - 1 of an integer tile kernel: tile(rows, m) for the rows from m, an integral_constant of
+// kInt4TileRows at a time, then the rest (int4 and int8 alike).
+template <typename Tile>
+inline void in_row_tiles(int64_t m0, int64_t m1, Tile tile) {
+  int64_t m = m0;
+  for (; m + kInt4TileRows <= m1; m += kInt4TileRows) tile(std::integral_constant<int, kInt4TileRows>{}, m);
+  switch (m1 - m) {
+    case 3: tile(std::integral_constant<int, 3>{}, m); break;
+    case 2: tile(std::integral_constant<int, 2>{}, m); break;
+    case 1: tile(std::integral_constant<int, 1>{}, m); break;
+    default: break;
+  }
+}
+
+// Rows m0 .. m1 - 1 times one panel (output rows n0 ..).
 template <int NB, bool kFactors>
 inline void int4_rows(const uint8_t* panel, const float* factors, int64_t blocks, const Int8Blocks& x, int64_t m0,
                       int64_t m1, float* y, int64_t N, int64_t n0, int64_t width) {
-  int64_t m = m0;
-  const auto tile = [&](auto rows) {
+  in_row_tiles(m0, m1, [&](auto rows, int64_t m) {
     int4_tile<decltype(rows)::value, NB, kFactors>(panel, factors, blocks, x, m, y + m * N + n0, N, width, m == m0);
-  };
-  for (; m + kInt4TileRows <= m1; m += kInt4TileRows) tile(std::integral_constant<int, kInt4TileRows>{});
-  switch (m1 - m) {
-    case 3: tile(std::integral_constant<int, 3>{}); break;
-    case 2: tile(std::integral_constant<int, 2>{}); break;
-    case 1: tile(std::integral_constant<int, 1>{}); break;
-    default: break;
-  }
+  });
 }
 
 #ifdef __AVX512VNNI__
@@ -571,17 +577,9 @@ inline void int8_tile(const int8_t* panel, int64_t blocks, const Int8Blocks& x, 
 template <int NB>
 inline void int8_rows(const int8_t* panel, int64_t blocks, const Int8Blocks& x, int64_t m0, int64_t m1,
                       const float* scales, float* y, int64_t N, int64_t n0, int64_t width) {
-  int64_t m = m0;
-  const auto tile = [&](auto rows) {
+  in_row_tiles(m0, m1, [&](auto rows, int64_t m) {
     int8_tile<decltype(rows)::value, NB>(panel, blocks, x, m, scales, y + m * N + n0, N, width, m == m0);
-  };
-  for (; m + kInt4TileRows <= m1; m += kInt4TileRows) tile(std::integral_constant<int, kInt4TileRows>{});
-  switch (m1 - m) {
-    case 3: tile(std::integral_constant<int, 3>{}); break;
-    case 2: tile(std::integral_constant<int, 2>{}); break;
-    case 1: tile(std::integral_constant<int, 1>{}); break;
-    default: break;
-  }
+  });
 }
 
 // As int4_tiles: threads split the panels, each meets the rows while it sits in L1. One or two rows take a
