@@ -1,6 +1,7 @@
 // Linear layers for small batches on an AVX2 CPU: y[M, N] = x[M, K] @ W[N, K]^T. Built with AVX-512 VNNI where
-// the CPU has it (kernels/__init__.py): the integer tiles then multiply-add with vpdpbusd, two panels
-// at a time in AVX-512's 32 registers, to the same integer sums and so the same outputs bit for bit.
+// the CPU has it (kernels/__init__.py): the integer tiles then multiply-add with vpdpbusd (int8 on 512-bit
+// registers, int4 two panels at a time in AVX-512's 32 registers), to the same integer sums and so the same
+// outputs bit for bit.
 //
 // Decode is memory-bound: each step reads every weight once, so the bytes per weight set the speed. These
 // kernels read int8 (1 byte) or packed int4 (half a byte) weights, so the memory traffic shrinks 4-8x. The
@@ -8,9 +9,9 @@
 // Weights still ahead are prefetched into L2 (tokenmill::prefetch_l2).
 //
 // Shape of the work, by the number of input rows M:
-// - int8 and int4, any M: integer tiles on panels of eight output rows, stored that way at load (int8_tile,
-//   int4_tile): each output one int32 lane, the weights meeting activations rounded to int8 (one scale per 32)
-//   in vpdpbusd (vpmaddubsw without VNNI). One row is memory-bound, many compute-bound; the same code serves
+// - int8 and int4, any M: integer tiles on panels of 16 (int8) or 8 (int4) output rows, stored that way at
+//   load (int8_tile, int4_tile): each output one int32 lane, the weights meeting activations rounded to int8
+//   (one scale per 32) in vpdpbusd (vpmaddubsw without VNNI). One row is memory-bound, many compute-bound; the same code serves
 //   both, and a sequence's outputs do not depend on how many rows share its batch.
 // - fp32, up to kFp32OuterMinRows: memory-bound. Dot products along K, four output rows and up to three
 //   input rows at a time.
@@ -264,7 +265,7 @@ struct Int8Blocks {
   std::vector<int8_t> q;  // [M, K]
   std::vector<float> scale;  // [M, K / 32]
   std::vector<float> offset;  // [M, K / 32]: scale * the block's sum, which multiplies the weights' minimum
-  std::vector<int32_t> sum;  // [M, K / 32]: the block's sum of rounded values
+  std::vector<int32_t> start;  // [M, K / 32]: -128 x the block's sum of rounded values (int8's VNNI sums)
 };
 
 inline Int8Blocks quantize_blocks_int8(const float* x, int64_t M, int64_t K) {
@@ -272,7 +273,7 @@ inline Int8Blocks quantize_blocks_int8(const float* x, int64_t M, int64_t K) {
   rows.q.resize(M * K);
   rows.scale.resize(M * K / 32);
   rows.offset.resize(M * K / 32);
-  rows.sum.resize(M * K / 32);
+  rows.start.resize(M * K / 32);
   at::parallel_for(0, M, 8, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m)
       for (int64_t k = 0; k < K; k += 32) {
@@ -280,7 +281,7 @@ inline Int8Blocks quantize_blocks_int8(const float* x, int64_t M, int64_t K) {
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(rows.q.data() + m * K + k), block.bytes);
         rows.scale[(m * K + k) / 32] = block.scale;
         rows.offset[(m * K + k) / 32] = block.scale * block.sum;
-        rows.sum[(m * K + k) / 32] = static_cast<int32_t>(block.sum);
+        rows.start[(m * K + k) / 32] = -128 * static_cast<int32_t>(block.sum);
       }
   });
   return rows;
@@ -496,86 +497,108 @@ inline void int4_tiles(const uint8_t* units, const Int8Blocks& x, int64_t M, int
   });
 }
 
-// int8: the same integer tiles, on bytes. The weights are stored as the tiles read them (quantization.py's
-// INT8_UNIT): a panel of eight output rows, and per block of 32 inputs eight 32-byte vectors, vector j holding
-// each row's weights 4j .. 4j + 3 (row r at bytes 4r .. 4r + 3); one fp32 scale per output row, applied once
+// int8: integer tiles on bytes. The weights are stored as the tiles read them (quantization.py's INT8_UNIT): a
+// panel of sixteen output rows, and per block of 32 inputs eight 64-byte vectors, vector j holding each row's
+// weights 4j .. 4j + 3 (row r at bytes 4r .. 4r + 3) as w + 128; one fp32 scale per output row, applied once
 // at the end. The activations are int8 per 32 as for int4, so per block and row only the activations' scale
 // remains to apply: one convert and one FMA per eight vpdpbusd, against int4's convert, multiply and two FMAs.
-// Measured on two threads, 3072 x 576 at 64 rows: int16 activations (before) 204, int4 282, this 335 GMAC/s.
-// vpdpbusd multiplies unsigned by signed bytes: the weights go in as w + 128 (their sign bit flipped) and each
-// block's sums start at -128 x the block's activation sum, so they end exact. Without VNNI, vpmaddubsw takes
-// |x| against w with x's sign (pairs of at most 2 x 127 x 127 fit int16), widened at once by vpmaddwd: the
-// same exact sums, so the same outputs bit for bit.
-constexpr int64_t kInt8Unit = 256;  // bytes per panel and block of 32 inputs
+// vpdpbusd multiplies unsigned by signed bytes: w + 128 goes in as stored, and each block's sums start at
+// -128 x the block's activation sum, so they end exact. With VNNI a panel is one 512-bit register; four input
+// rows times two panels is eight independent sums, enough to keep both multiply pipes busy. Measured on one
+// core, 64 rows (cache-hot): 8-row panels in 256-bit registers with the sign flip in the loop 187 GMAC/s, this
+// 208 (the core's peak is 234). Without VNNI each half of a panel (eight rows) runs apart: the sign flipped
+// back, vpmaddubsw takes |x| against w with x's sign (pairs of at most 2 x 127 x 127 fit int16), widened at
+// once by vpmaddwd: the same exact sums, so the same outputs bit for bit.
+constexpr int64_t kInt8Panel = 16;  // output rows per panel
+constexpr int64_t kInt8Unit = 512;  // bytes per panel and block of 32 inputs
 
 #ifdef __AVX512VNNI__
-constexpr int kInt8Panels = 2;
-#else
-constexpr int kInt8Panels = 1;
-#endif
+constexpr int kInt8Panels = 2;  // panels per tile, from three input rows on
 
+// MB input rows (from m0) times NB consecutive panels; y points at output (m0, n0); `width`: the last panel's
+// rows (the others are full). `stream`: the first tile of its panels, which prefetches the units ahead.
 template <int MB, int NB>
-inline void int8_tile(const int8_t* panel, int64_t blocks, const Int8Blocks& x, int64_t m0, const float* scales,
+inline void int8_tile(const uint8_t* panel, int64_t blocks, const Int8Blocks& x, int64_t m0, const float* scales,
                       float* y, int64_t N, int64_t width, bool stream) {
   const int64_t K = blocks * 32;
   const int8_t* xq = x.q.data() + m0 * K;
   const float* xs = x.scale.data() + m0 * blocks;
-#ifdef __AVX512VNNI__
-  const int32_t* xsum = x.sum.data() + m0 * blocks;
-  const __m256i flip = _mm256_set1_epi8(-128);
-#else
-  static_assert(NB == 1, "AVX2 has the registers for one panel");
-  const __m256i ones = _mm256_set1_epi16(1);
-#endif
-  __m256 acc[NB][MB];
-  UNROLL for (int n = 0; n < NB; ++n) UNROLL for (int m = 0; m < MB; ++m) acc[n][m] = _mm256_setzero_ps();
+  const int32_t* start = x.start.data() + m0 * blocks;
+  __m512 acc[NB][MB];
+  UNROLL for (int n = 0; n < NB; ++n) UNROLL for (int m = 0; m < MB; ++m) acc[n][m] = _mm512_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
-    const int8_t* unit[NB];
+    const uint8_t* unit[NB];
     UNROLL for (int n = 0; n < NB; ++n) {
       unit[n] = panel + kInt8Unit * (n * blocks + b);
-      if (stream) UNROLL for (int c = 0; c < 4; ++c) prefetch_l2(unit[n] + kInt4Ahead + 64 * c);
+      if (stream) UNROLL for (int c = 0; c < 8; ++c) prefetch_l2(unit[n] + kInt4Ahead + 64 * c);
     }
-    __m256i sums[NB][MB];
+    __m512i sums[NB][MB];
     UNROLL for (int m = 0; m < MB; ++m) {
-#ifdef __AVX512VNNI__
-      const __m256i start = _mm256_set1_epi32(-128 * xsum[m * blocks + b]);
-#else
-      const __m256i start = _mm256_setzero_si256();
-#endif
-      UNROLL for (int n = 0; n < NB; ++n) sums[n][m] = start;
+      const __m512i first = _mm512_set1_epi32(start[m * blocks + b]);
+      UNROLL for (int n = 0; n < NB; ++n) sums[n][m] = first;
     }
     UNROLL for (int j = 0; j < 8; ++j) {
-      __m256i w[NB];
-      UNROLL for (int n = 0; n < NB; ++n) w[n] = _mm256_load_si256(reinterpret_cast<const __m256i*>(unit[n] + 32 * j));
-#ifdef __AVX512VNNI__
-      UNROLL for (int n = 0; n < NB; ++n) w[n] = _mm256_xor_si256(w[n], flip);
-#endif
+      __m512i w[NB];
+      UNROLL for (int n = 0; n < NB; ++n) w[n] = _mm512_loadu_si512(unit[n] + 64 * j);
       UNROLL for (int m = 0; m < MB; ++m) {
-        const __m256i xb = broadcast4(xq + m * K + 32 * b + 4 * j);
-#ifdef __AVX512VNNI__
-        UNROLL for (int n = 0; n < NB; ++n) sums[n][m] = _mm256_dpbusd_epi32(sums[n][m], w[n], xb);
-#else
-        const __m256i magnitude = _mm256_abs_epi8(xb);
-        UNROLL for (int n = 0; n < NB; ++n)
-          sums[n][m] = _mm256_add_epi32(
-              sums[n][m], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(w[n], xb)), ones));
-#endif
+        int32_t word;
+        std::memcpy(&word, xq + m * K + 32 * b + 4 * j, sizeof(word));
+        const __m512i xb = _mm512_set1_epi32(word);
+        UNROLL for (int n = 0; n < NB; ++n) sums[n][m] = _mm512_dpbusd_epi32(sums[n][m], w[n], xb);
       }
     }
     UNROLL for (int m = 0; m < MB; ++m) {
-      const __m256 scale = _mm256_broadcast_ss(xs + m * blocks + b);
-      UNROLL for (int n = 0; n < NB; ++n) acc[n][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[n][m]), scale, acc[n][m]);
+      const __m512 scale = _mm512_set1_ps(xs[m * blocks + b]);
+      UNROLL for (int n = 0; n < NB; ++n) acc[n][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[n][m]), scale, acc[n][m]);
     }
   }
   UNROLL for (int n = 0; n < NB; ++n) {
-    const __m256 scale = _mm256_loadu_ps(scales + n * kInt4Panel);
+    const __m512 scale = _mm512_loadu_ps(scales + n * kInt8Panel);
+    const __mmask16 rows = n < NB - 1 ? __mmask16(0xFFFF) : __mmask16((1u << width) - 1);
     UNROLL for (int m = 0; m < MB; ++m)
-      store_panel_row(y + m * N + n * kInt4Panel, _mm256_mul_ps(acc[n][m], scale), n < NB - 1 ? kInt4Panel : width);
+      _mm512_mask_storeu_ps(y + m * N + n * kInt8Panel, rows, _mm512_mul_ps(acc[n][m], scale));
   }
 }
+#else
+constexpr int kInt8Panels = 1;
+
+// As above for one half of one panel (eight rows, from `half`'s byte offset 0 or 32 in each vector).
+template <int MB, int NB>
+inline void int8_tile(const uint8_t* panel, int64_t blocks, const Int8Blocks& x, int64_t m0, const float* scales,
+                      float* y, int64_t N, int64_t width, bool stream) {
+  static_assert(NB == 1, "AVX2 has the registers for one panel");
+  const int64_t K = blocks * 32;
+  const int8_t* xq = x.q.data() + m0 * K;
+  const float* xs = x.scale.data() + m0 * blocks;
+  const __m256i flip = _mm256_set1_epi8(-128), ones = _mm256_set1_epi16(1);
+  for (int half = 0; half < 2 && 8 * half < width; ++half) {
+    __m256 acc[MB];
+    UNROLL for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* unit = panel + kInt8Unit * b + 32 * half;
+      if (stream && half == 0) UNROLL for (int c = 0; c < 8; ++c) prefetch_l2(unit + kInt4Ahead + 64 * c);
+      __m256i sums[MB];
+      UNROLL for (int m = 0; m < MB; ++m) sums[m] = _mm256_setzero_si256();
+      UNROLL for (int j = 0; j < 8; ++j) {
+        const __m256i w = _mm256_xor_si256(_mm256_load_si256(reinterpret_cast<const __m256i*>(unit + 64 * j)), flip);
+        UNROLL for (int m = 0; m < MB; ++m) {
+          const __m256i xb = broadcast4(xq + m * K + 32 * b + 4 * j);
+          sums[m] = _mm256_add_epi32(
+              sums[m], _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(xb), _mm256_sign_epi8(w, xb)), ones));
+        }
+      }
+      UNROLL for (int m = 0; m < MB; ++m)
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[m]), _mm256_broadcast_ss(xs + m * blocks + b), acc[m]);
+    }
+    const __m256 scale = _mm256_loadu_ps(scales + 8 * half);
+    UNROLL for (int m = 0; m < MB; ++m)
+      store_panel_row(y + m * N + 8 * half, _mm256_mul_ps(acc[m], scale), std::min<int64_t>(8, width - 8 * half));
+  }
+}
+#endif
 
 template <int NB>
-inline void int8_rows(const int8_t* panel, int64_t blocks, const Int8Blocks& x, int64_t m0, int64_t m1,
+inline void int8_rows(const uint8_t* panel, int64_t blocks, const Int8Blocks& x, int64_t m0, int64_t m1,
                       const float* scales, float* y, int64_t N, int64_t n0, int64_t width) {
   in_row_tiles(m0, m1, [&](auto rows, int64_t m) {
     int8_tile<decltype(rows)::value, NB>(panel, blocks, x, m, scales, y + m * N + n0, N, width, m == m0);
@@ -584,18 +607,18 @@ inline void int8_rows(const int8_t* panel, int64_t blocks, const Int8Blocks& x, 
 
 // As int4_tiles: threads split the panels, each meets the rows while it sits in L1. One or two rows take a
 // panel at a time (one sequential stream per thread).
-inline void int8_tiles(const int8_t* units, const float* scales, const Int8Blocks& x, int64_t M, int64_t N,
+inline void int8_tiles(const uint8_t* units, const float* scales, const Int8Blocks& x, int64_t M, int64_t N,
                        int64_t K, float* y) {
   const int64_t blocks = K / 32;
-  at::parallel_for(0, (N + kInt4Panel - 1) / kInt4Panel, 1, [&](int64_t begin, int64_t end) {
-    alignas(32) float panel_scales[kInt8Panels * kInt4Panel];
+  at::parallel_for(0, (N + kInt8Panel - 1) / kInt8Panel, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float panel_scales[kInt8Panels * kInt8Panel];
     for (int64_t m0 = 0; m0 < M; m0 += kInt4RowChunk) {
       const int64_t m1 = std::min(M, m0 + kInt4RowChunk);
       for (int64_t p = begin; p < end;) {
         const int64_t panels = M > 2 ? std::min<int64_t>(kInt8Panels, end - p) : 1;
-        const int64_t n0 = p * kInt4Panel, width = std::min(kInt4Panel, N - n0 - (panels - 1) * kInt4Panel);
-        for (int64_t n = 0; n < panels * kInt4Panel; ++n) panel_scales[n] = n0 + n < N ? scales[n0 + n] : 0.f;
-        const int8_t* panel = units + p * blocks * kInt8Unit;
+        const int64_t n0 = p * kInt8Panel, width = std::min(kInt8Panel, N - n0 - (panels - 1) * kInt8Panel);
+        for (int64_t n = 0; n < panels * kInt8Panel; ++n) panel_scales[n] = n0 + n < N ? scales[n0 + n] : 0.f;
+        const uint8_t* panel = units + p * blocks * kInt8Unit;
         if constexpr (kInt8Panels > 1) {
           if (panels == kInt8Panels) {
             int8_rows<kInt8Panels>(panel, blocks, x, m0, m1, panel_scales, y, N, n0, width);
@@ -614,20 +637,20 @@ inline void int8_tiles(const int8_t* units, const float* scales, const Int8Block
 
 namespace tokenmill {
 
-// units: quantization.py's Int8Weight.units, int8 [ceil(N / 8), K / 32, 256]; scales: fp32 [N].
+// units: quantization.py's Int8Weight.units, uint8 [ceil(N / 16), K / 32, 512]; scales: fp32 [N].
 at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& units, const at::Tensor& scales) {
-  TORCH_CHECK(units.scalar_type() == at::kChar && units.is_contiguous() && units.dim() == 3 &&
+  TORCH_CHECK(units.scalar_type() == at::kByte && units.is_contiguous() && units.dim() == 3 &&
                   units.size(2) == kInt8Unit,
-              "units must be contiguous int8 [ceil(N / 8), K / 32, 256]");
+              "units must be contiguous uint8 [ceil(N / 16), K / 32, 512]");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(units.data_ptr()) % 32 == 0, "units must be 32-byte aligned");
   const int64_t N = scales.numel(), K = units.size(1) * 32;
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && N > 0 &&
-                  units.size(0) == (N + kInt4Panel - 1) / kInt4Panel,
+                  units.size(0) == (N + kInt8Panel - 1) / kInt8Panel,
               "one fp32 scale per output row");
   at::Tensor x = check_input(x_in, K);
   const int64_t M = x.size(0);
   at::Tensor y = at::empty({M, N}, x.options());
-  if (M > 0) int8_tiles(units.data_ptr<int8_t>(), scales.data_ptr<float>(),
+  if (M > 0) int8_tiles(units.data_ptr<uint8_t>(), scales.data_ptr<float>(),
                         quantize_blocks_int8(x.data_ptr<float>(), M, K), M, N, K, y.data_ptr<float>());
   return y;
 }

@@ -22,15 +22,16 @@ import torch
 from tokenmill.config import INT4_GROUP_SIZES
 
 # int8 storage, as its kernel reads it: panels of INT8_PANEL output rows; per panel and block of 32 inputs,
-# one INT8_UNIT-byte unit of eight 32-byte vectors, vector j holding row r's weights 4j .. 4j + 3 at bytes
-# 4r .. 4r + 3. One fp32 scale per output row beside them.
-INT8_PANEL = 8
-INT8_UNIT = 256
+# one INT8_UNIT-byte unit of eight 64-byte vectors, vector j holding row r's weights 4j .. 4j + 3 at bytes
+# 4r .. 4r + 3, each as w + 128 (the unsigned operand vpdpbusd takes). One fp32 scale per output row
+# beside them.
+INT8_PANEL = 16
+INT8_UNIT = 512
 
 
 @dataclass(slots=True)
 class Int8Weight:
-    units: torch.Tensor  # int8 [ceil(N / 8), K / 32, 256]; rows past N are zero
+    units: torch.Tensor  # uint8 [ceil(N / 16), K / 32, 512]; rows past N are zero (stored 128)
     scales: torch.Tensor  # fp32 [N]
 
     @property
@@ -74,7 +75,8 @@ def quantize_int8(weight: torch.Tensor) -> Int8Weight:
     panels = -(-rows // INT8_PANEL)
     if panels * INT8_PANEL != rows:
         q = torch.cat([q, q.new_zeros(panels * INT8_PANEL - rows, cols)])
-    units = q.reshape(panels, INT8_PANEL, cols // 32, 8, 4).permute(0, 2, 3, 1, 4)
+    units = (q.to(torch.int16) + 128).to(torch.uint8).reshape(panels, INT8_PANEL, cols // 32, 8, 4)
+    units = units.permute(0, 2, 3, 1, 4)
     return Int8Weight(units.reshape(panels, cols // 32, INT8_UNIT).contiguous(), scales.contiguous())
 
 
@@ -82,7 +84,8 @@ def dequantize_int8(weight: Int8Weight) -> torch.Tensor:
     panels, blocks, _ = weight.units.shape
     q = weight.units.reshape(panels, blocks, 8, INT8_PANEL, 4).permute(0, 3, 1, 2, 4)
     rows = weight.scales.numel()
-    return q.reshape(panels * INT8_PANEL, blocks * 32)[:rows].float() * weight.scales[:, None]
+    q = q.reshape(panels * INT8_PANEL, blocks * 32)[:rows].float() - 128.0
+    return q * weight.scales[:, None]
 
 
 _FP16_MAX = torch.finfo(torch.float16).max
