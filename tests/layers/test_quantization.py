@@ -16,10 +16,12 @@ from tokenmill.bench.quality import perplexity, perplexity_text
 from tokenmill.config import EngineConfig
 from tokenmill.errors import InvalidParameterError
 from tokenmill.kernels import kernel_isa, kernels_available
-from tokenmill.layers.linear import DenseLinear, Int4Linear, Int8Linear
+from tokenmill.layers.linear import DenseLinear, Int4Linear, Int8GateUp, Int8Linear, make_gate_up
+from tokenmill.layers.norm import silu_mul
 from tokenmill.layers.quantization import (
     dequantize_int4,
     dequantize_int8,
+    pair_gate_up_rows,
     quantize_int4,
     quantize_int8,
     round_activations_int8_groups,
@@ -79,13 +81,40 @@ def test_kernels_equal_the_pytorch_fallback(rows, shape):
         torch.testing.assert_close(fast, reference, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("rows", (1, 2, 3, 5, 64, 300))
+@pytest.mark.parametrize("shape", [(32, 64), (96, 96), (160, 1536)])  # I = 16, 48, 80: one, three, five pairs
+def test_int8_gate_up_is_silu_of_the_plain_int8_projection_bit_for_bit(rows, shape):
+    """The fused kernel runs the same tiles on paired panels and the same SiLU: no bit may move."""
+    torch.manual_seed(rows)
+    weight = torch.randn(*shape) * 0.05
+    x = torch.randn(rows, shape[1])
+    fused, plain = Int8GateUp(weight), Int8Linear(weight)
+    assert fused.use_kernel and plain.use_kernel
+    out = fused.silu_gate_up(x)
+    assert out.shape == (rows, shape[0] // 2)
+    assert torch.equal(out, silu_mul(plain(x)))
+    fused.use_kernel = False  # the fallback: dequantised weights in paired order, unpaired after the matmul
+    torch.testing.assert_close(fused.silu_gate_up(x), out, atol=1e-4, rtol=1e-4)
+
+
+def test_gate_up_pairing_needs_whole_panels():
+    assert pair_gate_up_rows(64).tolist()[:34] == [*range(16), *range(32, 48), 16, 17]
+    with pytest.raises(ValueError, match="multiple of 16"):
+        pair_gate_up_rows(48)
+    assert isinstance(make_gate_up(torch.randn(48, 64), "int8"), Int8Linear)  # unpaired: the plain layer
+    assert isinstance(make_gate_up(torch.randn(64, 64), "int8"), Int8GateUp)
+
+
 def _kernel_outputs(path: str) -> None:
     """The integer kernels' outputs on fixed inputs, saved for a process with another build to compare."""
     outputs = []
     for shape in [(100, 96), (108, 64), (256, 576)]:  # last panels of 4 and 12 rows (of 8 and 16)
         torch.manual_seed(shape[0])
         weight = torch.randn(*shape) * 0.05
-        for layer in (Int8Linear(weight), Int4Linear(weight)):
+        layers = [Int8Linear(weight), Int4Linear(weight)] + (
+            [Int8GateUp(weight)] if shape[0] % 32 == 0 else []
+        )
+        for layer in layers:
             outputs += [layer(torch.randn(rows, shape[1])) for rows in (1, 2, 3, 64, 300)]
     torch.save(outputs, path)
 
@@ -101,7 +130,7 @@ def test_the_avx2_build_gives_the_vnni_builds_numbers_bit_for_bit(tmp_path):
     subprocess.run([sys.executable, "-c", script], env=env, cwd=root, check=True, timeout=600)
     _kernel_outputs(str(tmp_path / "vnni"))
     avx2, vnni = torch.load(tmp_path / "avx2"), torch.load(tmp_path / "vnni")
-    assert len(avx2) == len(vnni) == 30
+    assert len(avx2) == len(vnni) == 35
     for a, b in zip(avx2, vnni, strict=True):
         assert torch.equal(a, b)
 

@@ -24,11 +24,12 @@
 
 namespace {
 
-enum class Format : int64_t { kFp32 = 0, kInt8 = 1, kInt4 = 2 };
+// kInt8GateUp: a gate|up projection whose kernel returns silu(gate) * up (layers/linear.py's Int8GateUp).
+enum class Format : int64_t { kFp32 = 0, kInt8 = 1, kInt4 = 2, kInt8GateUp = 3 };
 
 struct Linear {
   Format format;
-  at::Tensor a, b;  // fp32: weight; int8: units, scales; int4: blocks
+  at::Tensor a, b;  // fp32: weight; int8 (and gate|up): units, scales; int4: blocks
   int64_t rows;  // int4: the output rows (blocks pad them to a multiple of eight)
   std::optional<at::Tensor> bias;
 };
@@ -48,12 +49,14 @@ class DecodeStack : public torch::CustomClassHolder {
 
   // Linears arrive in layer order, four per layer (qkv, o_proj, gate_up, down), before add_layer.
   void add_linear(int64_t format, at::Tensor a, at::Tensor b, int64_t rows, std::optional<at::Tensor> bias) {
-    TORCH_CHECK(format >= 0 && format <= 2, "format must be 0 (fp32), 1 (int8) or 2 (int4)");
+    TORCH_CHECK(format >= 0 && format <= 3, "format must be 0 (fp32), 1 (int8), 2 (int4) or 3 (int8 gate|up)");
     pending_.push_back({static_cast<Format>(format), a, b, rows, bias});
   }
 
   void add_layer(at::Tensor input_norm, at::Tensor post_norm) {
     TORCH_CHECK(pending_.size() == 4, "add_layer needs the layer's four linears first");
+    for (size_t i = 0; i < 4; ++i)
+      TORCH_CHECK(pending_[i].format != Format::kInt8GateUp || i == 2, "only gate_up may be int8 gate|up");
     layers_.push_back({input_norm, post_norm, pending_[0], pending_[1], pending_[2], pending_[3]});
     pending_.clear();
   }
@@ -110,7 +113,7 @@ class DecodeStack : public torch::CustomClassHolder {
                                                                    block_tables, lengths, block_size, scale_);
       x = tokenmill::add_rms_norm_(hidden, linear(attended, layer.o_proj), layer.post_norm, eps_);
       const at::Tensor& next_norm = index + 1 < layers_.size() ? layers_[index + 1].input_norm : final_norm;
-      at::Tensor mlp = linear(tokenmill::silu_mul(linear(x, layer.gate_up)), layer.down);
+      at::Tensor mlp = linear(gated(x, layer.gate_up), layer.down);
       x = tokenmill::add_rms_norm_(hidden, mlp, next_norm, eps_);
     }
     return x;
@@ -120,6 +123,12 @@ class DecodeStack : public torch::CustomClassHolder {
   int64_t runs() const { return runs_; }
 
  private:
+  // silu(gate) * up of a gate|up projection.
+  at::Tensor gated(const at::Tensor& x, const Linear& l) const {
+    if (l.format == Format::kInt8GateUp) return tokenmill::int8_silu_gate_up(x, l.a, l.b);
+    return tokenmill::silu_mul(linear(x, l));
+  }
+
   at::Tensor linear(const at::Tensor& x, const Linear& l) const {
     at::Tensor y;
     switch (l.format) {
@@ -133,6 +142,8 @@ class DecodeStack : public torch::CustomClassHolder {
       case Format::kInt4:
         y = tokenmill::int4_linear(x, l.a, l.rows);
         break;
+      case Format::kInt8GateUp:
+        TORCH_CHECK(false, "an int8 gate|up projection goes through gated()");
     }
     if (l.bias) y.add_(*l.bias);
     return y;

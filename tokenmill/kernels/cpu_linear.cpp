@@ -261,24 +261,34 @@ at::Tensor check_input(const at::Tensor& x, int64_t K) {
 // input row's four activations broadcast meet a vector, and each int32 lane is one output: no horizontal
 // sums, no repacking, and one sequential stream of bytes per thread. The activations are int8 per 32 in order
 // (`round_activations_int8_groups` in the fallback), the same sums at every row count.
+// Views into the calling thread's scratch (quantize_blocks_int8), valid until its next call.
 struct Int8Blocks {
-  std::vector<int8_t> q;  // [M, K]
-  std::vector<float> scale;  // [M, K / 32]
-  std::vector<float> offset;  // [M, K / 32]: scale * the block's sum, which multiplies the weights' minimum
-  std::vector<int32_t> start;  // [M, K / 32]: -128 x the block's sum of rounded values (int8's VNNI sums)
+  int8_t* q;  // [M, K]
+  float* scale;  // [M, K / 32]
+  float* offset;  // [M, K / 32]: scale * the block's sum, which multiplies the weights' minimum
+  int32_t* start;  // [M, K / 32]: -128 x the block's sum of rounded values (int8's VNNI sums)
 };
 
+// n words of `scratch`, which only grows, from a 64-byte boundary (vector stores then never split a line).
+inline int32_t* aligned_scratch(std::vector<int32_t>& scratch, size_t n) {
+  scratch.resize(std::max(scratch.size(), n + 16));
+  return reinterpret_cast<int32_t*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t(63));
+}
+
+// The scratch outlives the call: a fresh zero-filled vector per matmul cost ~2.5% of a batch-64 decode step in
+// memset.
 inline Int8Blocks quantize_blocks_int8(const float* x, int64_t M, int64_t K) {
-  Int8Blocks rows;
-  rows.q.resize(M * K);
-  rows.scale.resize(M * K / 32);
-  rows.offset.resize(M * K / 32);
-  rows.start.resize(M * K / 32);
+  static_assert(sizeof(float) == 4 && sizeof(int32_t) == 4);
+  thread_local std::vector<int32_t> scratch;
+  const int64_t blocks = M * K / 32;
+  int32_t* words = aligned_scratch(scratch, M * K / 4 + 3 * blocks);
+  const Int8Blocks rows{reinterpret_cast<int8_t*>(words), reinterpret_cast<float*>(words + M * K / 4),
+                        reinterpret_cast<float*>(words + M * K / 4 + blocks), words + M * K / 4 + 2 * blocks};
   at::parallel_for(0, M, 8, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m)
       for (int64_t k = 0; k < K; k += 32) {
         const Int8Block block = round_block_int8(x + m * K + k);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(rows.q.data() + m * K + k), block.bytes);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(rows.q + m * K + k), block.bytes);
         rows.scale[(m * K + k) / 32] = block.scale;
         rows.offset[(m * K + k) / 32] = block.scale * block.sum;
         rows.start[(m * K + k) / 32] = -128 * static_cast<int32_t>(block.sum);
@@ -319,9 +329,9 @@ inline void int4_tile(const uint8_t* panel, const float* factors, int64_t blocks
                       float* y, int64_t N, int64_t width, bool stream) {
   const __m256i mask = _mm256_set1_epi8(0x0F);
   const int64_t K = blocks * 32;
-  const int8_t* xq = x.q.data() + m0 * K;
-  const float* xs = x.scale.data() + m0 * blocks;
-  const float* xo = x.offset.data() + m0 * blocks;
+  const int8_t* xq = x.q + m0 * K;
+  const float* xs = x.scale + m0 * blocks;
+  const float* xo = x.offset + m0 * blocks;
   // With one or two rows the minimums' FMAs go to an accumulator of their own, two short dependency chains
   // instead of one long one; more rows have the registers only for one.
   constexpr bool kSplit = MB <= 2;
@@ -383,9 +393,9 @@ inline void int4_tile(const uint8_t* panel, const float* factors, int64_t blocks
   static_assert(NB == 1, "AVX2 has the registers for one panel");
   const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   const int64_t K = blocks * 32;
-  const int8_t* xq = x.q.data() + m0 * K;
-  const float* xs = x.scale.data() + m0 * blocks;
-  const float* xo = x.offset.data() + m0 * blocks;
+  const int8_t* xq = x.q + m0 * K;
+  const float* xs = x.scale + m0 * blocks;
+  const float* xo = x.offset + m0 * blocks;
   // With one or two rows the minimums' FMAs go to an accumulator of their own, two short dependency chains
   // instead of one long one; more rows have the registers only for one.
   constexpr bool kSplit = MB <= 2;
@@ -521,9 +531,9 @@ template <int MB, int NB>
 inline void int8_tile(const uint8_t* panel, int64_t blocks, const Int8Blocks& x, int64_t m0, const float* scales,
                       float* y, int64_t N, int64_t width, bool stream) {
   const int64_t K = blocks * 32;
-  const int8_t* xq = x.q.data() + m0 * K;
-  const float* xs = x.scale.data() + m0 * blocks;
-  const int32_t* start = x.start.data() + m0 * blocks;
+  const int8_t* xq = x.q + m0 * K;
+  const float* xs = x.scale + m0 * blocks;
+  const int32_t* start = x.start + m0 * blocks;
   __m512 acc[NB][MB];
   UNROLL for (int n = 0; n < NB; ++n) UNROLL for (int m = 0; m < MB; ++m) acc[n][m] = _mm512_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
@@ -568,8 +578,8 @@ inline void int8_tile(const uint8_t* panel, int64_t blocks, const Int8Blocks& x,
                       float* y, int64_t N, int64_t width, bool stream) {
   static_assert(NB == 1, "AVX2 has the registers for one panel");
   const int64_t K = blocks * 32;
-  const int8_t* xq = x.q.data() + m0 * K;
-  const float* xs = x.scale.data() + m0 * blocks;
+  const int8_t* xq = x.q + m0 * K;
+  const float* xs = x.scale + m0 * blocks;
   const __m256i flip = _mm256_set1_epi8(-128), ones = _mm256_set1_epi16(1);
   for (int half = 0; half < 2 && 8 * half < width; ++half) {
     __m256 acc[MB];
@@ -633,6 +643,38 @@ inline void int8_tiles(const uint8_t* units, const float* scales, const Int8Bloc
   });
 }
 
+// gate|up and SiLU in one pass (quantization.py's pair_gate_up_rows): 2I rows stored with gate panel p and up
+// panel p side by side, so a thread's pair of panels yields silu(gate) * up for sixteen columns. The tiles
+// write the pair's 32 columns into a small scratch (cache-resident), and SiLU goes from there to y [M, I]:
+// the [M, 2I] product never travels to memory and back, and no separate pass over it runs.
+inline void int8_gated_tiles(const uint8_t* units, const float* scales, const Int8Blocks& x, int64_t M, int64_t I,
+                             int64_t K, float* y) {
+  const int64_t blocks = K / 32, pair = 2 * kInt8Panel;
+  at::parallel_for(0, I / kInt8Panel, 1, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<int32_t> scratch;
+    float* rows = reinterpret_cast<float*>(aligned_scratch(scratch, M * pair));  // [M, 32], a chunk in use
+    for (int64_t m0 = 0; m0 < M; m0 += kInt4RowChunk) {
+      const int64_t m1 = std::min(M, m0 + kInt4RowChunk);
+      for (int64_t p = begin; p < end; ++p) {
+        const uint8_t* panels = units + 2 * p * blocks * kInt8Unit;
+        const float* pair_scales = scales + p * pair;
+        if (kInt8Panels > 1 && M > 2) {
+          int8_rows<kInt8Panels>(panels, blocks, x, m0, m1, pair_scales, rows, pair, 0, kInt8Panel);
+        } else {
+          int8_rows<1>(panels, blocks, x, m0, m1, pair_scales, rows, pair, 0, kInt8Panel);
+          int8_rows<1>(panels + blocks * kInt8Unit, blocks, x, m0, m1, pair_scales + kInt8Panel, rows, pair,
+                       kInt8Panel, kInt8Panel);
+        }
+        for (int64_t m = m0; m < m1; ++m)
+          UNROLL for (int64_t h = 0; h < kInt8Panel; h += 8)
+            _mm256_storeu_ps(y + m * I + p * kInt8Panel + h,
+                             tokenmill::silu_mul8(_mm256_loadu_ps(rows + m * pair + h),
+                                                  _mm256_loadu_ps(rows + m * pair + kInt8Panel + h)));
+      }
+    }
+  });
+}
+
 }  // namespace
 
 namespace tokenmill {
@@ -652,6 +694,25 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& units, const at
   at::Tensor y = at::empty({M, N}, x.options());
   if (M > 0) int8_tiles(units.data_ptr<uint8_t>(), scales.data_ptr<float>(),
                         quantize_blocks_int8(x.data_ptr<float>(), M, K), M, N, K, y.data_ptr<float>());
+  return y;
+}
+
+// units, scales: a gate|up projection's Int8Weight with its panels paired (quantization.py's
+// pair_gate_up_rows), 2I rows; returns silu(gate) * up [M, I], as silu_mul(int8_linear(x, ...)) with the rows
+// in their usual order would, bit for bit.
+at::Tensor int8_silu_gate_up(const at::Tensor& x_in, const at::Tensor& units, const at::Tensor& scales) {
+  TORCH_CHECK(units.scalar_type() == at::kByte && units.is_contiguous() && units.dim() == 3 &&
+                  units.size(2) == kInt8Unit && reinterpret_cast<uintptr_t>(units.data_ptr()) % 32 == 0,
+              "units must be contiguous 32-byte aligned uint8 [2I / 16, K / 32, 512]");
+  const int64_t I = scales.numel() / 2, K = units.size(1) * 32;
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && I > 0 && I % kInt8Panel == 0 &&
+                  scales.numel() == 2 * I && units.size(0) == 2 * I / kInt8Panel,
+              "gate|up needs 2I fp32 scales, I a multiple of 16");
+  at::Tensor x = check_input(x_in, K);
+  const int64_t M = x.size(0);
+  at::Tensor y = at::empty({M, I}, x.options());
+  if (M > 0) int8_gated_tiles(units.data_ptr<uint8_t>(), scales.data_ptr<float>(),
+                              quantize_blocks_int8(x.data_ptr<float>(), M, K), M, I, K, y.data_ptr<float>());
   return y;
 }
 
@@ -705,12 +766,14 @@ at::Tensor fp32_linear(const at::Tensor& x_in, const at::Tensor& weight) {
 
 TORCH_LIBRARY(tokenmill, m) {
   m.def("int8_linear(Tensor x, Tensor units, Tensor scales) -> Tensor");
+  m.def("int8_silu_gate_up(Tensor x, Tensor units, Tensor scales) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor blocks, int rows) -> Tensor");
   m.def("fp32_linear(Tensor x, Tensor weight) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
   m.impl("int8_linear", &tokenmill::int8_linear);
+  m.impl("int8_silu_gate_up", &tokenmill::int8_silu_gate_up);
   m.impl("int4_linear", &tokenmill::int4_linear);
   m.impl("fp32_linear", &tokenmill::fp32_linear);
 }

@@ -6,7 +6,8 @@
 namespace tokenmill {
 
 at::Tensor fp32_linear(const at::Tensor& x, const at::Tensor& weight);
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales);
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& units, const at::Tensor& scales);
+at::Tensor int8_silu_gate_up(const at::Tensor& x, const at::Tensor& units, const at::Tensor& scales);
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t rows);
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 at::Tensor add_rms_norm_(at::Tensor hidden, const at::Tensor& delta, const at::Tensor& weight, double eps);

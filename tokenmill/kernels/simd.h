@@ -34,6 +34,12 @@ inline __m256 exp256(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
 }
 
+// silu(gate) * up for eight lanes: silu_mul and the int8 gate|up kernel share it, to the same bits.
+inline __m256 silu_mul8(__m256 gate, __m256 up) {
+  const __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), gate));
+  return _mm256_mul_ps(_mm256_div_ps(gate, _mm256_add_ps(_mm256_set1_ps(1.f), e)), up);
+}
+
 // Lane j of the result is the sum of the eight lanes of a[j], j < 4.
 inline __m128 sum4x8(const __m256* a) {
   const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));

@@ -80,6 +80,16 @@ def quantize_int8(weight: torch.Tensor) -> Int8Weight:
     return Int8Weight(units.reshape(panels, cols // 32, INT8_UNIT).contiguous(), scales.contiguous())
 
 
+def pair_gate_up_rows(rows: int) -> torch.Tensor:
+    """The row order that puts a gate|up weight's [2I, K] gate panel p beside up panel p (I a multiple of
+    INT8_PANEL): one tile then holds both halves of sixteen SiLU-gated outputs (cpu_linear.cpp's
+    int8_silu_gate_up)."""
+    half = rows // 2
+    if rows % 2 or half % INT8_PANEL:
+        raise ValueError(f"gate|up pairing needs 2 x a multiple of {INT8_PANEL} rows, not {rows}")
+    return torch.arange(rows).view(2, half // INT8_PANEL, INT8_PANEL).transpose(0, 1).reshape(-1)
+
+
 def dequantize_int8(weight: Int8Weight) -> torch.Tensor:
     panels, blocks, _ = weight.units.shape
     q = weight.units.reshape(panels, blocks, 8, INT8_PANEL, 4).permute(0, 3, 1, 2, 4)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenmill.layers.linear import Linear
-from tokenmill.layers.norm import add_rms_norm, rms_norm, silu_mul
+from tokenmill.layers.norm import add_rms_norm, rms_norm
 from tokenmill.models.llama import LlamaModel
 
 EAGLE_FC_WEIGHT, EAGLE_FC_BIAS = "fc.weight", "fc.bias"  # names in the draft file
@@ -91,7 +91,7 @@ class EagleDraft:
         )
         attended = attended[0].transpose(0, 1).reshape(n, model.q_size)
         x, normed = add_rms_norm(x, layer.o_proj(attended), layer.post_norm, eps)
-        _, out = add_rms_norm(x, layer.down(silu_mul(layer.gate_up(normed))), model.norm, eps)
+        _, out = add_rms_norm(x, layer.down(layer.gate_up.silu_gate_up(normed)), model.norm, eps)
         return out
 
     @torch.inference_mode()

@@ -17,11 +17,13 @@ from tokenmill.layers.linear import (
     DENSE_KERNEL_MAX_ROWS,
     DenseLinear,
     Int4Linear,
+    Int8GateUp,
     Int8Linear,
     Linear,
+    make_gate_up,
     make_linear,
 )
-from tokenmill.layers.norm import add_rms_norm, rms_norm, silu_mul
+from tokenmill.layers.norm import add_rms_norm, rms_norm
 from tokenmill.layers.rotary import RotaryEmbedding
 
 _NO_COPIES = torch.empty(0, 2, dtype=torch.long)  # DecodeStack.run: no slot copies this step
@@ -86,7 +88,7 @@ class LlamaModel:
             k_norm=weights.get(attn + "k_norm.weight") if self.config.qk_norm else None,
             o_proj=self._linear(weights[attn + "o_proj.weight"]),
             post_norm=weights[p + "post_attention_layernorm.weight"],
-            gate_up=self._linear(gate_up),
+            gate_up=make_gate_up(gate_up, self.quantization, self.group_size),
             down=self._linear(weights[p + "mlp.down_proj.weight"]),
         )
 
@@ -166,7 +168,7 @@ class LlamaModel:
             )
             # The next layer's input norm (or the final norm) runs fused with this residual add.
             next_norm = self.layers[index + 1].input_norm if index + 1 < len(self.layers) else self.norm
-            hidden, x = add_rms_norm(hidden, layer.down(silu_mul(layer.gate_up(x))), next_norm, eps)
+            hidden, x = add_rms_norm(hidden, layer.down(layer.gate_up.silu_gate_up(x)), next_norm, eps)
         return x
 
     @torch.inference_mode()
@@ -177,6 +179,8 @@ class LlamaModel:
 def _stack_arguments(linear: Linear) -> tuple[int, torch.Tensor, torch.Tensor, int]:
     """(format, tensors, rows) as DecodeStack.add_linear takes them; an unused slot holds an empty tensor."""
     empty = torch.empty(0)
+    if isinstance(linear, Int8GateUp):  # a layer's gate_up: returns silu(gate) * up
+        return 3, linear.quantized.units, linear.quantized.scales, 0
     if isinstance(linear, Int8Linear):
         return 1, linear.quantized.units, linear.quantized.scales, 0
     if isinstance(linear, Int4Linear):
