@@ -11,8 +11,10 @@ from tokenmill.layers.attention import (
     AttentionContext,
     PrefillSpan,
     dequantize_kv,
+    kv_row_width,
     paged_attention,
     quantize_kv,
+    write_kv_cache,
 )
 
 
@@ -115,3 +117,25 @@ def test_int8_kv_rows_round_trip_within_half_a_step():
     step = x.abs().amax(-1, keepdim=True) / 127
     assert torch.all((dequantize_kv(rows) - x).abs() <= step / 2 + 1e-6)
     assert torch.equal(dequantize_kv(rows[0, 0]), torch.zeros(64))
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.int8])
+def test_cache_write_kernel_stores_the_bytes_of_the_pytorch_path(cache_dtype):
+    """k and v as the model hands them over: strided views of one fused QKV output."""
+    assert kernels_available()
+    torch.manual_seed(0)
+    tokens, kv_heads, dim = 300, 3, 64
+    qkv = torch.randn(tokens, 9 * dim + 2 * kv_heads * dim) * 3
+    k = qkv[:, 9 * dim : 12 * dim].view(tokens, kv_heads, dim)
+    v = qkv[:, 12 * dim :].view(tokens, kv_heads, dim)
+    k[5] = 0  # a row without a largest value: scale 0
+    slots = torch.randperm(1000)[:tokens]
+    shape = (1000, kv_heads, kv_row_width(dim, cache_dtype))
+    caches = [torch.zeros(shape, dtype=cache_dtype) for _ in range(4)]
+    write_kv_cache(k, v, caches[0], caches[1], slots)
+    caches[2].index_copy_(0, slots, quantize_kv(k) if cache_dtype == torch.int8 else k.to(cache_dtype))
+    caches[3].index_copy_(0, slots, quantize_kv(v) if cache_dtype == torch.int8 else v.to(cache_dtype))
+    assert torch.equal(caches[0].view(torch.int8), caches[2].view(torch.int8))
+    assert torch.equal(caches[1].view(torch.int8), caches[3].view(torch.int8))
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        write_kv_cache(k, v, caches[0], caches[1], slots + 1000)

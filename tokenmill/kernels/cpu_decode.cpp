@@ -7,6 +7,7 @@
 // where every row is a decode (the Python path keeps prefill, chunked prefill and the fallbacks).
 #include <immintrin.h>
 
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/linear.h>
 #include <c10/util/Exception.h>
@@ -38,6 +39,26 @@ struct Layer {
   at::Tensor input_norm, post_norm;
   Linear qkv, o_proj, gate_up, down;
 };
+
+// D values -> D int8 (x * (127 / max|x|), to nearest even) and the scale max|x| / 127's four bytes: as
+// layers/attention.py's quantize_kv, byte for byte.
+void to_int8_row(const float* in, int64_t D, int8_t* out) {
+  float largest = 0.f;
+  for (int64_t d = 0; d < D; ++d) largest = std::max(largest, std::fabs(in[d]));
+  const float inverse = largest > 0.f ? 127.f / largest : 0.f;
+  for (int64_t d = 0; d < D; ++d)
+    out[d] = static_cast<int8_t>(std::clamp(std::nearbyint(in[d] * inverse), -127.f, 127.f));
+  const float scale = largest / 127.f;
+  std::memcpy(out + D, &scale, sizeof(scale));
+}
+
+void to_half(const float* in, at::Half* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(in + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  for (; i < n; ++i) out[i] = static_cast<at::Half>(in[i]);
+}
 
 class DecodeStack : public torch::CustomClassHolder {
  public:
@@ -106,7 +127,8 @@ class DecodeStack : public torch::CustomClassHolder {
       tokenmill::rotate_rows(rows + q_size, T, stride, kv_heads_, head_dim_, head_dim_, cos_rows, sin_rows);
       char* keys = cache_base + index * layer_bytes;  // this layer's [slots, Hkv, D], then its values
       char* values = keys + layer_bytes / 2;
-      write_cache(rows, stride, q_size, kv_size, slot, T, dtype, slot_bytes, keys, values);
+      tokenmill::write_kv_rows(rows + q_size, rows + q_size + kv_size, stride, slot, T, kv_heads_, head_dim_,
+                               dtype, keys, values);
       copy_slots(copy, copies, slot_bytes, keys, values);
       at::Tensor attended = tokenmill::paged_decode_attention_rows(rows, stride, head_dim_, T, heads_, head_dim_,
                                                                    keys, values, dtype, slots, kv_heads_,
@@ -149,50 +171,6 @@ class DecodeStack : public torch::CustomClassHolder {
     return y;
   }
 
-  // The fresh K and V rows (columns q_size.. of the fused projection) into their cache slots, rounded to
-  // fp16 (as torch's conversion: to nearest even) or to int8 rows (as layers/attention.py's quantize_kv, to
-  // the same bytes) if the cache is.
-  void write_cache(const float* rows, int64_t stride, int64_t q_size, int64_t kv_size, const int64_t* slot,
-                   int64_t T, at::ScalarType dtype, int64_t slot_bytes, char* keys, char* values) const {
-    for (int64_t t = 0; t < T; ++t) {
-      const float* key = rows + t * stride + q_size;
-      const float* value = key + kv_size;
-      char* key_out = keys + slot[t] * slot_bytes;
-      char* value_out = values + slot[t] * slot_bytes;
-      if (dtype == at::kHalf) {
-        to_half(key, reinterpret_cast<at::Half*>(key_out), kv_size);
-        to_half(value, reinterpret_cast<at::Half*>(value_out), kv_size);
-      } else if (dtype == at::kChar) {
-        for (int64_t h = 0; h < kv_heads_; ++h) {
-          to_int8_row(key + h * head_dim_, head_dim_, reinterpret_cast<int8_t*>(key_out) + h * (head_dim_ + 4));
-          to_int8_row(value + h * head_dim_, head_dim_, reinterpret_cast<int8_t*>(value_out) + h * (head_dim_ + 4));
-        }
-      } else {
-        std::memcpy(key_out, key, kv_size * sizeof(float));
-        std::memcpy(value_out, value, kv_size * sizeof(float));
-      }
-    }
-  }
-
-  // D values -> D int8 (x * (127 / max|x|), to nearest even) and the scale max|x| / 127's four bytes.
-  static void to_int8_row(const float* in, int64_t D, int8_t* out) {
-    float largest = 0.f;
-    for (int64_t d = 0; d < D; ++d) largest = std::max(largest, std::fabs(in[d]));
-    const float inverse = largest > 0.f ? 127.f / largest : 0.f;
-    for (int64_t d = 0; d < D; ++d)
-      out[d] = static_cast<int8_t>(std::clamp(std::nearbyint(in[d] * inverse), -127.f, 127.f));
-    const float scale = largest / 127.f;
-    std::memcpy(out + D, &scale, sizeof(scale));
-  }
-
-  static void to_half(const float* in, at::Half* out, int64_t n) {
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
-                       _mm256_cvtps_ph(_mm256_loadu_ps(in + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    for (; i < n; ++i) out[i] = static_cast<at::Half>(in[i]);
-  }
-
   // bytes: one slot's K (or V) row.
   static void copy_slots(const int64_t* copy, int64_t copies, int64_t bytes, char* keys, char* values) {
     for (int64_t e = 0; e < copies; ++e) {
@@ -211,7 +189,64 @@ class DecodeStack : public torch::CustomClassHolder {
 
 }  // namespace
 
+namespace tokenmill {
+
+// Rounded to fp16 as torch's conversion is (to nearest even), or to int8 rows as layers/attention.py's
+// quantize_kv (the same bytes), if the cache is.
+void write_kv_rows(const float* key, const float* value, int64_t stride, const int64_t* slot, int64_t T,
+                   int64_t kv_heads, int64_t D, at::ScalarType dtype, char* keys, char* values) {
+  const int64_t width = dtype == at::kChar ? D + 4 : D;
+  const int64_t slot_bytes = kv_heads * width * (dtype == at::kChar ? 1 : dtype == at::kHalf ? 2 : 4);
+  at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* k = key + t * stride;
+      const float* v = value + t * stride;
+      char* key_out = keys + slot[t] * slot_bytes;
+      char* value_out = values + slot[t] * slot_bytes;
+      if (dtype == at::kHalf) {
+        to_half(k, reinterpret_cast<at::Half*>(key_out), kv_heads * D);
+        to_half(v, reinterpret_cast<at::Half*>(value_out), kv_heads * D);
+      } else if (dtype == at::kChar) {
+        for (int64_t h = 0; h < kv_heads; ++h) {
+          to_int8_row(k + h * D, D, reinterpret_cast<int8_t*>(key_out) + h * width);
+          to_int8_row(v + h * D, D, reinterpret_cast<int8_t*>(value_out) + h * width);
+        }
+      } else {
+        std::memcpy(key_out, k, kv_heads * D * sizeof(float));
+        std::memcpy(value_out, v, kv_heads * D * sizeof(float));
+      }
+    }
+  });
+}
+
+// k, v [T, Hkv, D] fp32 (rows may be strided, as views of a fused QKV output); caches [slots, Hkv, row] of
+// fp32, fp16 or int8 rows (layers/attention.py's layout). One pass, where the PyTorch path rounds with a
+// dozen ops over the whole chunk and scatters with index_copy_ (~5% of a 1,024-token prefill step).
+void write_kv_cache_(const at::Tensor& k, const at::Tensor& v, at::Tensor k_cache, at::Tensor v_cache,
+                     const at::Tensor& slot_mapping) {
+  TORCH_CHECK(k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat && k.dim() == 3 &&
+                  k.sizes() == v.sizes() && k.stride(2) == 1 && v.stride(2) == 1 && k.stride(1) == k.size(2) &&
+                  v.stride(1) == v.size(2) && k.stride(0) == v.stride(0),
+              "k and v must be fp32 [T, Hkv, D], heads contiguous, rows alike");
+  const int64_t T = k.size(0), Hkv = k.size(1), D = k.size(2);
+  const at::ScalarType dtype = k_cache.scalar_type();
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 3 &&
+                  k_cache.sizes() == v_cache.sizes() && v_cache.scalar_type() == dtype &&
+                  (dtype == at::kFloat || dtype == at::kHalf || dtype == at::kChar) && k_cache.size(1) == Hkv &&
+                  k_cache.size(2) == (dtype == at::kChar ? D + 4 : D),
+              "caches must be contiguous fp32, fp16 or int8 [slots, Hkv, row], both alike");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous() && slot_mapping.numel() == T,
+              "one int64 cache slot per row");
+  const int64_t* slot = slot_mapping.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) TORCH_CHECK(slot[t] >= 0 && slot[t] < k_cache.size(0), "cache slot out of range");
+  write_kv_rows(k.data_ptr<float>(), v.data_ptr<float>(), k.stride(0), slot, T, Hkv, D, dtype,
+                static_cast<char*>(k_cache.data_ptr()), static_cast<char*>(v_cache.data_ptr()));
+}
+
+}  // namespace tokenmill
+
 TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
+  m.def("write_kv_cache_(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
   m.class_<DecodeStack>("DecodeStack")
       .def(torch::init<int64_t, int64_t, int64_t, double, double, int64_t>())
       .def("add_linear", &DecodeStack::add_linear)
@@ -219,3 +254,5 @@ TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
       .def("run", &DecodeStack::run)
       .def("runs", &DecodeStack::runs);
 }
+
+TORCH_LIBRARY_IMPL(tokenmill, CPU, m) { m.impl("write_kv_cache_", &tokenmill::write_kv_cache_); }

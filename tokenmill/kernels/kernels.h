@@ -16,6 +16,10 @@ void rotary_(at::Tensor q, at::Tensor k, const at::Tensor& cos, const at::Tensor
 void rotate_rows(float* base, int64_t T, int64_t row, int64_t heads, int64_t head, int64_t D, const float* cos,
                  const float* sin);
 at::Tensor silu_mul(const at::Tensor& gate_up);
+// T rows of K and V ([Hkv, D] fp32 each, rows `stride` floats apart) into cache slots slot[t] of [slots, Hkv,
+// row] caches holding fp32, fp16 or int8 rows (D values and a 4-byte scale).
+void write_kv_rows(const float* key, const float* value, int64_t stride, const int64_t* slot, int64_t T,
+                   int64_t kv_heads, int64_t D, at::ScalarType dtype, char* keys, char* values);
 at::Tensor paged_decode_attention_rows(const float* q, int64_t q_row, int64_t q_head, int64_t B, int64_t Hq,
                                        int64_t D, const void* keys, const void* values, at::ScalarType dtype,
                                        int64_t slots,

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from tokenmill.kernels import kernels_available
+
 
 @dataclass(slots=True)
 class PrefillSpan:
@@ -78,6 +80,23 @@ def _from_cache(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return dequantize_kv(rows).to(dtype) if rows.dtype == torch.int8 else rows.to(dtype)
 
 
+def write_kv_cache(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
+) -> None:
+    """k, v [T, Hkv, D] into cache rows `slots`, rounded to the cache's dtype."""
+    if (
+        kernels_available()
+        and k.dtype == v.dtype == torch.float32
+        and k.stride(-1) == v.stride(-1) == 1
+        and k.stride(1) == v.stride(1) == k.shape[-1]
+        and k.stride(0) == v.stride(0)
+    ):
+        torch.ops.tokenmill.write_kv_cache_(k, v, k_cache, v_cache, slots)  # one pass, same bytes
+        return
+    k_cache.index_copy_(0, slots, _to_cache(k, k_cache))
+    v_cache.index_copy_(0, slots, _to_cache(v, v_cache))
+
+
 def paged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -88,8 +107,7 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """q: [T, Hq, D]; k, v: [T, Hkv, D]; caches: [num_slots, Hkv, kv_row_width(D)]. Returns [T, Hq, D]."""
-    k_cache.index_copy_(0, ctx.slot_mapping, _to_cache(k, k_cache))
-    v_cache.index_copy_(0, ctx.slot_mapping, _to_cache(v, v_cache))
+    write_kv_cache(k, v, k_cache, v_cache, ctx.slot_mapping)
     if ctx.slot_copies is not None:
         sources, targets = ctx.slot_copies[:, 0], ctx.slot_copies[:, 1]
         k_cache[targets] = k_cache[sources]
