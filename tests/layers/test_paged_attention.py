@@ -129,6 +129,12 @@ def test_cache_write_kernel_stores_the_bytes_of_the_pytorch_path(cache_dtype):
     k = qkv[:, 9 * dim : 12 * dim].view(tokens, kv_heads, dim)
     v = qkv[:, 12 * dim :].view(tokens, kv_heads, dim)
     k[5] = 0  # a row without a largest value: scale 0
+    # Values halfway between two int8 steps: their rounding turns on the last bit of 127 / largest, which
+    # PyTorch computes as reciprocal(largest) * 127.
+    largest = torch.rand(tokens, kv_heads, 1) * 10 + 0.1
+    halves = (torch.arange(dim) - dim / 2 + 0.5) / 127 * largest
+    halves[..., 0] = largest[..., 0]
+    v.copy_(halves)
     slots = torch.randperm(1000)[:tokens]
     shape = (1000, kv_heads, kv_row_width(dim, cache_dtype))
     caches = [torch.zeros(shape, dtype=cache_dtype) for _ in range(4)]

@@ -45,7 +45,9 @@ struct Layer {
 void to_int8_row(const float* in, int64_t D, int8_t* out) {
   float largest = 0.f;
   for (int64_t d = 0; d < D; ++d) largest = std::max(largest, std::fabs(in[d]));
-  const float inverse = largest > 0.f ? 127.f / largest : 0.f;
+  // As PyTorch evaluates quantize_kv's 127.0 / largest: reciprocal, then times 127 (one bit off the true
+  // quotient for a quarter of rows, enough to round a value halfway between two steps the other way).
+  const float inverse = largest > 0.f ? (1.f / largest) * 127.f : 0.f;
   for (int64_t d = 0; d < D; ++d)
     out[d] = static_cast<int8_t>(std::clamp(std::nearbyint(in[d] * inverse), -127.f, 127.f));
   const float scale = largest / 127.f;
