@@ -680,16 +680,20 @@ inline void int8_gated_tiles(const uint8_t* units, const float* scales, const In
   });
 }
 
+// quantization.py's Int8Weight.units as the tiles read them.
+void check_int8_units(const at::Tensor& units) {
+  TORCH_CHECK(units.scalar_type() == at::kByte && units.is_contiguous() && units.dim() == 3 &&
+                  units.size(2) == kInt8Unit && reinterpret_cast<uintptr_t>(units.data_ptr()) % 32 == 0,
+              "units must be contiguous 32-byte aligned uint8 [panels of 16 rows, K / 32, 512]");
+}
+
 }  // namespace
 
 namespace tokenmill {
 
 // units: quantization.py's Int8Weight.units, uint8 [ceil(N / 16), K / 32, 512]; scales: fp32 [N].
 at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& units, const at::Tensor& scales) {
-  TORCH_CHECK(units.scalar_type() == at::kByte && units.is_contiguous() && units.dim() == 3 &&
-                  units.size(2) == kInt8Unit,
-              "units must be contiguous uint8 [ceil(N / 16), K / 32, 512]");
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(units.data_ptr()) % 32 == 0, "units must be 32-byte aligned");
+  check_int8_units(units);
   const int64_t N = scales.numel(), K = units.size(1) * 32;
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && N > 0 &&
                   units.size(0) == (N + kInt8Panel - 1) / kInt8Panel,
@@ -706,9 +710,7 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& units, const at
 // pair_gate_up_rows), 2I rows; returns silu(gate) * up [M, I], as silu_mul(int8_linear(x, ...)) with the rows
 // in their usual order would, bit for bit.
 at::Tensor int8_silu_gate_up(const at::Tensor& x_in, const at::Tensor& units, const at::Tensor& scales) {
-  TORCH_CHECK(units.scalar_type() == at::kByte && units.is_contiguous() && units.dim() == 3 &&
-                  units.size(2) == kInt8Unit && reinterpret_cast<uintptr_t>(units.data_ptr()) % 32 == 0,
-              "units must be contiguous 32-byte aligned uint8 [2I / 16, K / 32, 512]");
+  check_int8_units(units);
   const int64_t I = scales.numel() / 2, K = units.size(1) * 32;
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && I > 0 && I % kInt8Panel == 0 &&
                   scales.numel() == 2 * I && units.size(0) == 2 * I / kInt8Panel,

@@ -126,12 +126,12 @@ class Int8Linear(_QuantizedLinear):
 class Int8GateUp(Int8Linear):
     """An MLP's gate|up projection in int8 that returns silu(gate) * up, [..., I]: the kernel applies SiLU to
     each tile's outputs while they are in cache, so the [T, 2I] product never goes to memory and back. The
-    rows are stored with gate and up panels paired (pair_gate_up_rows). Measured at a batch of 64 (int8,
-    int8 KV): prefill steps -4% and decode -1.5 ms (the SiLU pass and the wide product's traffic gone)."""
+    rows are stored with gate and up panels paired (pair_gate_up_rows). SmolLM2's 30 gate|up + down pairs,
+    cold: 64 rows 23.0 -> 21.9 ms, 1,024 rows 318 -> 302 ms (the SiLU pass and the wide product's traffic
+    gone)."""
 
     def __init__(self, weight: torch.Tensor) -> None:
-        self.order = pair_gate_up_rows(weight.shape[0])
-        super().__init__(weight[self.order])
+        super().__init__(weight[pair_gate_up_rows(weight.shape[0])])
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.tokenmill.int8_silu_gate_up(x, self.quantized.units, self.quantized.scales)
