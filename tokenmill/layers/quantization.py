@@ -7,10 +7,10 @@ cannot. fp16 scale and minimum: 4 bytes per 32 weights instead of 8, 0.625 bytes
 which a memory-bound decode step reads 17% faster (rounding them costs nothing measurable: see
 `tokenmill bench quality`).
 
-Both are stored the way their kernels read them (`Int8Weight`, `Int4Weight`): eight output rows side by side,
-so that the eight outputs of a panel are the eight lanes of one vector, and each panel's weights (and int4's
-scales and minimums) are one sequential stream. The kernels then need no horizontal sums and no repacking,
-at one row or a thousand.
+Both are stored the way their kernels read them (`Int8Weight`, `Int4Weight`): output rows side by side in
+panels (16 for int8, 8 for int4), so that the outputs of a panel are the lanes of one vector, and each panel's
+weights (and int4's scales and minimums) are one sequential stream. The kernels then need no horizontal sums
+and no repacking, at one row or a thousand.
 """
 
 from __future__ import annotations
