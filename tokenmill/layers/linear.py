@@ -55,6 +55,15 @@ class DenseLinear:
         return self.weight.nbytes
 
     @property
+    def streamed(self) -> torch.Tensor:
+        """The tensor a matmul reads end to end (models/weight_arena.py places it)."""
+        return self.weight
+
+    @streamed.setter
+    def streamed(self, tensor: torch.Tensor) -> None:
+        self.weight = tensor
+
+    @property
     def in_features(self) -> int:
         return self.weight.shape[1]
 
@@ -79,6 +88,18 @@ class _QuantizedLinear:
     @property
     def nbytes(self) -> int:
         return self.quantized.nbytes
+
+    @property
+    def streamed(self) -> torch.Tensor:
+        """The tensor a matmul reads end to end (models/weight_arena.py places it)."""
+        return self.quantized.units if isinstance(self.quantized, Int8Weight) else self.quantized.blocks
+
+    @streamed.setter
+    def streamed(self, tensor: torch.Tensor) -> None:
+        if isinstance(self.quantized, Int8Weight):
+            self.quantized.units = tensor
+        else:
+            self.quantized.blocks = tensor
 
     @property
     def in_features(self) -> int:

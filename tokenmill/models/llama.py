@@ -25,6 +25,7 @@ from tokenmill.layers.linear import (
 )
 from tokenmill.layers.norm import add_rms_norm, rms_norm
 from tokenmill.layers.rotary import RotaryEmbedding
+from tokenmill.models.weight_arena import pack_weights
 
 _NO_COPIES = torch.empty(0, 2, dtype=torch.long)  # DecodeStack.run: no slot copies this step
 
@@ -67,6 +68,7 @@ class LlamaModel:
         # (`tokenmill bench quality`), so an int4 model keeps an int8 head.
         self.lm_head = make_linear(head, None, "int8" if quantization else None)
         self.layers = [self._layer(weights, i) for i in range(config.num_layers)]
+        self._pack_weights()
         self.rotary = RotaryEmbedding(config.head_dim, max_positions, config.rope_theta, config.rope_scaling)
         self.q_size = config.num_heads * config.head_dim
         self.kv_size = config.num_kv_heads * config.head_dim
@@ -91,6 +93,16 @@ class LlamaModel:
             gate_up=make_gate_up(gate_up, self.quantization, self.group_size),
             down=self._linear(weights[p + "mlp.down_proj.weight"]),
         )
+
+    def _pack_weights(self) -> None:
+        """Every matmul's weights back to back in one block, in the order a decode step reads them
+        (models/weight_arena.py); a tied fp32 LM head keeps sharing its rows with the embedding."""
+        tied = isinstance(self.lm_head, DenseLinear) and self.lm_head.weight is self.embed
+        linears = self.linears
+        for linear, view in zip(linears, pack_weights([linear.streamed for linear in linears]), strict=True):
+            linear.streamed = view
+        if tied:
+            self.embed = self.lm_head.weight
 
     def _linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
         return make_linear(weight, bias, self.quantization, self.group_size)

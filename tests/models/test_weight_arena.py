@@ -1,0 +1,101 @@
+from itertools import pairwise
+from pathlib import Path
+
+import pytest
+import torch
+
+from tokenmill.config import ModelConfig
+from tokenmill.layers.linear import DenseLinear
+from tokenmill.models.llama import LlamaModel
+from tokenmill.models.weight_arena import ALIGN, HUGE_PAGE, huge_page_bytes, pack_weights
+
+
+def _back_to_back(tensors: list[torch.Tensor]) -> bool:
+    """Each tensor starts where the previous one ends, rounded up to a cache line."""
+    for before, after in pairwise(tensors):
+        end = before.data_ptr() + before.nbytes
+        if not 0 <= after.data_ptr() - end < ALIGN:
+            return False
+    return True
+
+
+def _huge_pages_on() -> bool:
+    path = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    return path.exists() and ("[always]" in path.read_text() or "[madvise]" in path.read_text())
+
+
+def test_packed_copies_hold_the_same_values_back_to_back_in_order():
+    torch.manual_seed(0)
+    tensors = [
+        torch.randn(96, 64),
+        torch.randint(0, 255, (7, 3, 512), dtype=torch.uint8),
+        torch.randn(5),  # 20 bytes: the next one still starts on a cache line
+        torch.randint(0, 255, (4, 160), dtype=torch.uint8),
+    ]
+    packed = pack_weights(tensors)
+    for original, copy in zip(tensors, packed, strict=True):
+        assert copy.dtype == original.dtype and copy.shape == original.shape
+        assert torch.equal(copy, original)
+        assert copy.data_ptr() % ALIGN == 0
+    assert packed[0].data_ptr() % HUGE_PAGE == 0
+    assert _back_to_back(packed)
+    packed[1].zero_()  # copies, not views of the originals
+    assert tensors[1].any()
+
+
+def test_packed_weights_outlive_everything_but_their_views():
+    views = pack_weights([torch.arange(1000, dtype=torch.float32)])
+    total = float(views[0].sum())  # the mapping is alive with no other reference to it
+    assert total == sum(range(1000))
+
+
+def test_the_arena_sits_on_huge_pages_where_the_system_offers_them():
+    if not _huge_pages_on():
+        pytest.skip("transparent huge pages are off on this machine")
+    packed = pack_weights([torch.ones(3 * HUGE_PAGE // 4)])
+    assert huge_page_bytes(packed[0]) >= HUGE_PAGE
+
+
+def _tiny_weights(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    weights = {
+        "model.embed_tokens.weight": torch.randn(cfg.vocab_size, h),
+        "model.norm.weight": torch.ones(h),
+    }
+    for n in range(cfg.num_layers):
+        p = f"model.layers.{n}."
+        weights |= {
+            p + "input_layernorm.weight": torch.ones(h),
+            p + "post_attention_layernorm.weight": torch.ones(h),
+            p + "self_attn.q_proj.weight": torch.randn(cfg.num_heads * d, h) * 0.05,
+            p + "self_attn.k_proj.weight": torch.randn(cfg.num_kv_heads * d, h) * 0.05,
+            p + "self_attn.v_proj.weight": torch.randn(cfg.num_kv_heads * d, h) * 0.05,
+            p + "self_attn.o_proj.weight": torch.randn(h, cfg.num_heads * d) * 0.05,
+            p + "mlp.gate_proj.weight": torch.randn(i, h) * 0.05,
+            p + "mlp.up_proj.weight": torch.randn(i, h) * 0.05,
+            p + "mlp.down_proj.weight": torch.randn(h, i) * 0.05,
+        }
+    return weights
+
+
+@pytest.mark.parametrize("quantization", [None, "int8", "int4"])
+def test_a_models_matmul_weights_lie_in_decode_step_order(quantization):
+    cfg = ModelConfig(
+        architecture="LlamaForCausalLM",
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=3,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        tie_word_embeddings=True,
+    )
+    model = LlamaModel(cfg, _tiny_weights(cfg), 64, quantization)
+    streamed = [linear.streamed for linear in model.linears]  # each layer's four, then the LM head
+    assert len(streamed) == 4 * cfg.num_layers + 1
+    assert _back_to_back(streamed)
+    if quantization is None:  # the tied head still shares the embedding's rows
+        assert isinstance(model.lm_head, DenseLinear)
+        assert model.embed.data_ptr() == model.lm_head.weight.data_ptr()

@@ -1,0 +1,75 @@
+"""One block of memory for the weights a decode step streams, in the order the step reads them.
+
+A decode step of a small batch reads every matmul's weights once, front to back (SmolLM2 in int8: 135 MB per
+token): the step is one long memory stream. Left where quantisation put them, the weights are ~120 separate
+allocations scattered over the heap on 4 KB pages: each matmul's stream starts cold somewhere new, and each
+4 KB page costs a TLB miss (the L2 TLB covers ~12 MB). Packed back to back in step order, on 2 MB pages where
+the kernel grants them (transparent huge pages, asked for with madvise), one matmul's stream runs on into
+the next and the page walks all but vanish.
+
+Measured with a bare streaming kernel over SmolLM2's 120 one-row int8 matmuls (cold, alternated in one
+process): in slow minutes (bandwidth probe 31-33 GB/s) 32-33 GB/s scattered, 33-34 packed on 4 KB pages,
+34-35 on 2 MB pages; in fast minutes (probe 43-50) 35-39 scattered, 41-55 packed on 4 KB pages, 58-61 on
+2 MB pages. A whole int8 batch-1 decode step gains less, 2-4% (median ratios of 60-100 alternating
+windows: 0.965 and 0.974 on 2 MB pages, 0.981 on 4 KB): its LM head, attention and Python stay as they were,
+and its matmuls restart after each of them.
+"""
+
+from __future__ import annotations
+
+import mmap
+
+import torch
+
+HUGE_PAGE = 2 << 20
+ALIGN = 64  # every tensor starts on a cache line (the kernels need 32 bytes)
+
+
+def _round_up(n: int, to: int) -> int:
+    return (n + to - 1) // to * to
+
+
+def pack_weights(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of `tensors` back to back, in the order given, in one anonymous mapping advised for huge pages;
+    each copy is a view that keeps the mapping alive. Where the system has no transparent huge pages the
+    copies still sit back to back, on 4 KB pages."""
+    if not tensors:
+        return []
+    sizes = [_round_up(t.nbytes, ALIGN) for t in tensors]
+    length = _round_up(sum(sizes), HUGE_PAGE) + HUGE_PAGE  # room to start on a 2 MB boundary
+    # Private: shared anonymous memory is shmem, whose huge pages follow another (usually off) setting.
+    mapping = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    arena = torch.frombuffer(mapping, dtype=torch.uint8)
+    start = -arena.data_ptr() % HUGE_PAGE
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is not None:
+        try:
+            mapping.madvise(advice, start, length - start)
+        except OSError:  # no transparent huge pages in this kernel: 4 KB pages, still in order
+            pass
+    views = []
+    offset = start
+    for tensor, size in zip(tensors, sizes, strict=True):
+        view = arena[offset : offset + tensor.nbytes].view(tensor.dtype).view(tensor.shape)
+        view.copy_(tensor)
+        views.append(view)
+        offset += size
+    return views
+
+
+def huge_page_bytes(tensor: torch.Tensor) -> int:
+    """Bytes of the 2 MB pages behind `tensor`'s memory (from /proc/self/smaps; 0 where it cannot tell)."""
+    address = tensor.data_ptr()
+    try:
+        with open("/proc/self/smaps") as smaps:
+            inside = False
+            for line in smaps:
+                fields = line.split()
+                if "-" in fields[0] and len(fields) >= 5:
+                    low, high = (int(part, 16) for part in fields[0].split("-"))
+                    inside = low <= address < high
+                elif inside and fields[0] == "AnonHugePages:":
+                    return int(fields[1]) * 1024
+    except OSError:
+        return 0
+    return 0
