@@ -9,6 +9,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/linear.h>
 #include <c10/util/Exception.h>
 #include <torch/custom_class.h>
@@ -73,6 +74,7 @@ class DecodeStack : public torch::CustomClassHolder {
   // Linears arrive in layer order, four per layer (qkv, o_proj, gate_up, down), before add_layer.
   void add_linear(int64_t format, at::Tensor a, at::Tensor b, int64_t rows, std::optional<at::Tensor> bias) {
     TORCH_CHECK(format >= 0 && format <= 3, "format must be 0 (fp32), 1 (int8), 2 (int4) or 3 (int8 gate|up)");
+    if (format == 1 || format == 3) tokenmill::check_int8_weights(a, b, format == 3);  // once, not every step
     pending_.push_back({static_cast<Format>(format), a, b, rows, bias});
   }
 
@@ -91,6 +93,8 @@ class DecodeStack : public torch::CustomClassHolder {
                  at::Tensor block_tables, at::Tensor lengths, int64_t block_size, at::Tensor cos, at::Tensor sin,
                  at::Tensor final_norm, at::Tensor slot_copies) {
     const int64_t T = hidden.size(0), q_size = heads_ * head_dim_, kv_size = kv_heads_ * head_dim_;
+    TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2 && x.size(0) == T,
+                "x must be contiguous fp32 [T, H]");
     const at::ScalarType dtype = kv_cache.scalar_type();
     TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.is_contiguous() && kv_cache.size(0) == (int64_t)layers_.size() &&
                     kv_cache.size(1) == 2 && kv_cache.size(3) == kv_heads_ &&
@@ -122,7 +126,7 @@ class DecodeStack : public torch::CustomClassHolder {
       const Layer& layer = layers_[index];
       // Rows of the fused projection are [q | k | v]; rotary, the cache writes and attention work on them in
       // place, through pointers: tensor views cost about a microsecond each, a few per layer.
-      at::Tensor qkv = linear(x, layer.qkv);
+      at::Tensor qkv = linear(x, layer.qkv, kQkv);
       float* rows = qkv.data_ptr<float>();
       const int64_t stride = qkv.stride(0);
       tokenmill::rotate_rows(rows, T, stride, heads_, head_dim_, head_dim_, cos_rows, sin_rows);
@@ -135,9 +139,9 @@ class DecodeStack : public torch::CustomClassHolder {
       at::Tensor attended = tokenmill::paged_decode_attention_rows(rows, stride, head_dim_, T, heads_, head_dim_,
                                                                    keys, values, dtype, slots, kv_heads_,
                                                                    block_tables, lengths, block_size, scale_);
-      x = tokenmill::add_rms_norm_(hidden, linear(attended, layer.o_proj), layer.post_norm, eps_);
+      x = tokenmill::add_rms_norm_(hidden, linear(attended, layer.o_proj, kOut), layer.post_norm, eps_);
       const at::Tensor& next_norm = index + 1 < layers_.size() ? layers_[index + 1].input_norm : final_norm;
-      at::Tensor mlp = linear(gated(x, layer.gate_up), layer.down);
+      at::Tensor mlp = linear(gated(x, layer.gate_up), layer.down, kDown);
       x = tokenmill::add_rms_norm_(hidden, mlp, next_norm, eps_);
     }
     return x;
@@ -147,13 +151,31 @@ class DecodeStack : public torch::CustomClassHolder {
   int64_t runs() const { return runs_; }
 
  private:
-  // silu(gate) * up of a gate|up projection.
-  at::Tensor gated(const at::Tensor& x, const Linear& l) const {
-    if (l.format == Format::kInt8GateUp) return tokenmill::int8_silu_gate_up(x, l.a, l.b);
-    return tokenmill::silu_mul(linear(x, l));
+  // Where each of a layer's matmuls writes (int8 weights): one buffer per kind, reused by every layer and step.
+  enum Slot { kQkv = 0, kOut = 1, kGateUp = 2, kDown = 3 };
+
+  // An int8 matmul's output [T, width]: the same buffer while the batch keeps its size. An allocation per
+  // matmul and the op's checks (made once, in add_linear) cost ~1.5 us a call, ~5% of a batch-1 step's
+  // matmul time.
+  float* output(Slot slot, int64_t T, int64_t width, at::Tensor& y) const {
+    at::Tensor& buffer = outputs_[slot];
+    if (!buffer.defined() || buffer.size(0) != T || buffer.size(1) != width)
+      buffer = at::empty({T, width}, at::TensorOptions().dtype(at::kFloat));
+    y = buffer;
+    return buffer.data_ptr<float>();
   }
 
-  at::Tensor linear(const at::Tensor& x, const Linear& l) const {
+  // silu(gate) * up of a gate|up projection.
+  at::Tensor gated(const at::Tensor& x, const Linear& l) const {
+    if (l.format != Format::kInt8GateUp) return tokenmill::silu_mul(linear(x, l, kGateUp));
+    at::Tensor y;
+    float* out = output(kGateUp, x.size(0), l.b.numel() / 2, y);
+    tokenmill::int8_silu_gate_up_into(x.data_ptr<float>(), x.size(0), l.a, l.b, out);
+    return y;
+  }
+
+  // x: contiguous fp32 rows (the stack's own tensors).
+  at::Tensor linear(const at::Tensor& x, const Linear& l, Slot slot) const {
     at::Tensor y;
     switch (l.format) {
       case Format::kFp32:
@@ -161,7 +183,7 @@ class DecodeStack : public torch::CustomClassHolder {
         y = tokenmill::fp32_linear(x, l.a);
         break;
       case Format::kInt8:
-        y = tokenmill::int8_linear(x, l.a, l.b);
+        tokenmill::int8_linear_into(x.data_ptr<float>(), x.size(0), l.a, l.b, output(slot, x.size(0), l.b.numel(), y));
         break;
       case Format::kInt4:
         y = tokenmill::int4_linear(x, l.a, l.rows);
@@ -187,6 +209,7 @@ class DecodeStack : public torch::CustomClassHolder {
   int64_t runs_ = 0;
   std::vector<Layer> layers_;
   std::vector<Linear> pending_;
+  mutable at::Tensor outputs_[4];
 };
 
 }  // namespace

@@ -580,6 +580,7 @@ inline void int8_tile(const uint8_t* panel, int64_t blocks, const Int8Blocks& x,
 // the general tiles (a call and a set-up per panel, the prefetch behind the `stream` test), alternated in one
 // process: SmolLM2's 120 one-row matmuls, cold, 26 -> 28.3 GB/s; an int8 batch-1 decode step 6.6 -> 6.2 ms
 // and 6.9 -> 6.1 ms (medians of two runs of 24 windows).
+
 inline void int8_row(const uint8_t* units, int64_t blocks, const Int8Blocks& x, const float* scales, int64_t N,
                      int64_t p0, int64_t p1, float* y) {
   for (int64_t p = p0; p < p1; ++p) {
@@ -726,18 +727,34 @@ void check_int8_units(const at::Tensor& units) {
 
 namespace tokenmill {
 
-// units: quantization.py's Int8Weight.units, uint8 [ceil(N / 16), K / 32, 512]; scales: fp32 [N].
-at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& units, const at::Tensor& scales) {
+void check_int8_weights(const at::Tensor& units, const at::Tensor& scales, bool gate_up) {
   check_int8_units(units);
-  const int64_t N = scales.numel(), K = units.size(1) * 32;
+  const int64_t N = scales.numel();
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && N > 0 &&
                   units.size(0) == (N + kInt8Panel - 1) / kInt8Panel,
               "one fp32 scale per output row");
-  at::Tensor x = check_input(x_in, K);
-  const int64_t M = x.size(0);
-  at::Tensor y = at::empty({M, N}, x.options());
-  if (M > 0) int8_tiles(units.data_ptr<uint8_t>(), scales.data_ptr<float>(),
-                        quantize_blocks_int8(x.data_ptr<float>(), M, K), M, N, K, y.data_ptr<float>());
+  TORCH_CHECK(!gate_up || N % (2 * kInt8Panel) == 0, "gate|up needs 2I fp32 scales, I a multiple of 16");
+}
+
+void int8_linear_into(const float* x, int64_t M, const at::Tensor& units, const at::Tensor& scales, float* y) {
+  const int64_t K = units.size(1) * 32;
+  if (M > 0) int8_tiles(units.data_ptr<uint8_t>(), scales.data_ptr<float>(), quantize_blocks_int8(x, M, K), M,
+                        scales.numel(), K, y);
+}
+
+void int8_silu_gate_up_into(const float* x, int64_t M, const at::Tensor& units, const at::Tensor& scales,
+                            float* y) {
+  const int64_t K = units.size(1) * 32;
+  if (M > 0) int8_gated_tiles(units.data_ptr<uint8_t>(), scales.data_ptr<float>(), quantize_blocks_int8(x, M, K),
+                              M, scales.numel() / 2, K, y);
+}
+
+// units: quantization.py's Int8Weight.units, uint8 [ceil(N / 16), K / 32, 512]; scales: fp32 [N].
+at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& units, const at::Tensor& scales) {
+  check_int8_weights(units, scales, false);
+  at::Tensor x = check_input(x_in, units.size(1) * 32);
+  at::Tensor y = at::empty({x.size(0), scales.numel()}, x.options());
+  int8_linear_into(x.data_ptr<float>(), x.size(0), units, scales, y.data_ptr<float>());
   return y;
 }
 
@@ -745,16 +762,10 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& units, const at
 // pair_gate_up_rows), 2I rows; returns silu(gate) * up [M, I], as silu_mul(int8_linear(x, ...)) with the rows
 // in their usual order would, bit for bit.
 at::Tensor int8_silu_gate_up(const at::Tensor& x_in, const at::Tensor& units, const at::Tensor& scales) {
-  check_int8_units(units);
-  const int64_t I = scales.numel() / 2, K = units.size(1) * 32;
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && I > 0 && I % kInt8Panel == 0 &&
-                  scales.numel() == 2 * I && units.size(0) == 2 * I / kInt8Panel,
-              "gate|up needs 2I fp32 scales, I a multiple of 16");
-  at::Tensor x = check_input(x_in, K);
-  const int64_t M = x.size(0);
-  at::Tensor y = at::empty({M, I}, x.options());
-  if (M > 0) int8_gated_tiles(units.data_ptr<uint8_t>(), scales.data_ptr<float>(),
-                              quantize_blocks_int8(x.data_ptr<float>(), M, K), M, I, K, y.data_ptr<float>());
+  check_int8_weights(units, scales, true);
+  at::Tensor x = check_input(x_in, units.size(1) * 32);
+  at::Tensor y = at::empty({x.size(0), scales.numel() / 2}, x.options());
+  int8_silu_gate_up_into(x.data_ptr<float>(), x.size(0), units, scales, y.data_ptr<float>());
   return y;
 }
 

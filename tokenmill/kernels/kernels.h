@@ -8,6 +8,12 @@ namespace tokenmill {
 at::Tensor fp32_linear(const at::Tensor& x, const at::Tensor& weight);
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& units, const at::Tensor& scales);
 at::Tensor int8_silu_gate_up(const at::Tensor& x, const at::Tensor& units, const at::Tensor& scales);
+// For callers that checked the weights once (check_int8_weights) and own the outputs, as the decode step does
+// every step: x [M, K] and y contiguous fp32 rows (y [M, N], or [M, I] for gate|up).
+void check_int8_weights(const at::Tensor& units, const at::Tensor& scales, bool gate_up);
+void int8_linear_into(const float* x, int64_t M, const at::Tensor& units, const at::Tensor& scales, float* y);
+void int8_silu_gate_up_into(const float* x, int64_t M, const at::Tensor& units, const at::Tensor& scales,
+                            float* y);
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t rows);
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 at::Tensor add_rms_norm_(at::Tensor hidden, const at::Tensor& delta, const at::Tensor& weight, double eps);
