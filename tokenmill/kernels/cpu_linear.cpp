@@ -580,6 +580,13 @@ inline void int8_tile(const uint8_t* panel, int64_t blocks, const Int8Blocks& x,
 // the general tiles (a call and a set-up per panel, the prefetch behind the `stream` test), alternated in one
 // process: SmolLM2's 120 one-row matmuls, cold, 26 -> 28.3 GB/s; an int8 batch-1 decode step 6.6 -> 6.2 ms
 // and 6.9 -> 6.1 ms (medians of two runs of 24 windows).
+//
+// Prefetch distance: with the weights back to back on 2 MB pages (models/weight_arena.py), 1-4 KB ahead
+// beats the 6 KB the tiles use: an int8 batch-1 step, distances alternated in one process in minutes when the
+// bandwidth probe read 52-59 GB/s, 3 KB against 6 KB 0.75-0.85 and 0.86 of the time (none at all 0.91;
+// 12 KB 1.03). The int4 tiles measured the other way (3 KB 1.17x, 6 KB kept), and fp32's 16 rows ahead
+// stayed best (4 rows 0.98-1.01, 1-2 rows 1.08-1.14, none 1.32).
+constexpr int64_t kInt8RowAhead = 3072;
 
 inline void int8_row(const uint8_t* units, int64_t blocks, const Int8Blocks& x, const float* scales, int64_t N,
                      int64_t p0, int64_t p1, float* y) {
@@ -588,7 +595,7 @@ inline void int8_row(const uint8_t* units, int64_t blocks, const Int8Blocks& x, 
     __m512 acc = _mm512_setzero_ps();
     for (int64_t b = 0; b < blocks; ++b) {
       const uint8_t* unit = panel + kInt8Unit * b;
-      UNROLL for (int c = 0; c < 8; ++c) prefetch_l2(unit + kInt4Ahead + 64 * c);
+      UNROLL for (int c = 0; c < 8; ++c) prefetch_l2(unit + kInt8RowAhead + 64 * c);
       __m512i sums = _mm512_set1_epi32(x.start[b]);
       UNROLL for (int j = 0; j < 8; ++j) {
         int32_t word;
