@@ -4,9 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tokenmill.config import ModelConfig
 from tokenmill.layers.linear import DenseLinear
 from tokenmill.models.llama import LlamaModel
+from tokenmill.models.loader import load_model
 from tokenmill.models.weight_arena import ALIGN, HUGE_PAGE, huge_page_bytes, pack_weights
 
 
@@ -56,43 +56,11 @@ def test_the_arena_sits_on_huge_pages_where_the_system_offers_them():
     assert huge_page_bytes(packed[0]) >= HUGE_PAGE
 
 
-def _tiny_weights(cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    torch.manual_seed(0)
-    h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    weights = {
-        "model.embed_tokens.weight": torch.randn(cfg.vocab_size, h),
-        "model.norm.weight": torch.ones(h),
-    }
-    for n in range(cfg.num_layers):
-        p = f"model.layers.{n}."
-        weights |= {
-            p + "input_layernorm.weight": torch.ones(h),
-            p + "post_attention_layernorm.weight": torch.ones(h),
-            p + "self_attn.q_proj.weight": torch.randn(cfg.num_heads * d, h) * 0.05,
-            p + "self_attn.k_proj.weight": torch.randn(cfg.num_kv_heads * d, h) * 0.05,
-            p + "self_attn.v_proj.weight": torch.randn(cfg.num_kv_heads * d, h) * 0.05,
-            p + "self_attn.o_proj.weight": torch.randn(h, cfg.num_heads * d) * 0.05,
-            p + "mlp.gate_proj.weight": torch.randn(i, h) * 0.05,
-            p + "mlp.up_proj.weight": torch.randn(i, h) * 0.05,
-            p + "mlp.down_proj.weight": torch.randn(h, i) * 0.05,
-        }
-    return weights
-
-
 @pytest.mark.parametrize("quantization", [None, "int8", "int4"])
-def test_a_models_matmul_weights_lie_in_decode_step_order(quantization):
-    cfg = ModelConfig(
-        architecture="LlamaForCausalLM",
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_layers=3,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        tie_word_embeddings=True,
-    )
-    model = LlamaModel(cfg, _tiny_weights(cfg), 64, quantization)
+def test_a_models_matmul_weights_lie_in_decode_step_order(tiny_models, quantization):
+    loaded = load_model(tiny_models["llama"][0])  # tied embeddings
+    cfg = loaded.config
+    model = LlamaModel(cfg, loaded.weights, 64, quantization)
     streamed = [linear.streamed for linear in model.linears]  # each layer's four, then the LM head
     assert len(streamed) == 4 * cfg.num_layers + 1
     assert _back_to_back(streamed)

@@ -154,9 +154,9 @@ class DecodeStack : public torch::CustomClassHolder {
   // Where each of a layer's matmuls writes (int8 weights): one buffer per kind, reused by every layer and step.
   enum Slot { kQkv = 0, kOut = 1, kGateUp = 2, kDown = 3 };
 
-  // An int8 matmul's output [T, width]: the same buffer while the batch keeps its size. An allocation per
-  // matmul and the op's checks (made once, in add_linear) cost ~1.5 us a call, ~5% of a batch-1 step's
-  // matmul time.
+  // An int8 matmul's output [T, width]: the same buffer while the batch keeps its size. Without an allocation
+  // and the op's checks (made once, in add_linear) per matmul, a batch-1 int8 step ran ~1% faster (median
+  // ratios 0.990 and 0.991 over 80 alternating windows; batch 64 0.996).
   float* output(Slot slot, int64_t T, int64_t width, at::Tensor& y) const {
     at::Tensor& buffer = outputs_[slot];
     if (!buffer.defined() || buffer.size(0) != T || buffer.size(1) != width)
@@ -183,7 +183,8 @@ class DecodeStack : public torch::CustomClassHolder {
         y = tokenmill::fp32_linear(x, l.a);
         break;
       case Format::kInt8:
-        tokenmill::int8_linear_into(x.data_ptr<float>(), x.size(0), l.a, l.b, output(slot, x.size(0), l.b.numel(), y));
+        tokenmill::int8_linear_into(x.data_ptr<float>(), x.size(0), l.a, l.b,
+                                    output(slot, x.size(0), l.b.numel(), y));
         break;
       case Format::kInt4:
         y = tokenmill::int4_linear(x, l.a, l.rows);
