@@ -7,7 +7,7 @@ import torch
 from tokenmill.layers.linear import DenseLinear
 from tokenmill.models.llama import LlamaModel
 from tokenmill.models.loader import load_model
-from tokenmill.models.weight_arena import ALIGN, HUGE_PAGE, huge_page_bytes, pack_weights
+from tokenmill.models.weight_arena import ALIGN, HUGE_PAGE, pack_weights
 
 
 def _back_to_back(tensors: list[torch.Tensor]) -> bool:
@@ -22,6 +22,24 @@ def _back_to_back(tensors: list[torch.Tensor]) -> bool:
 def _huge_pages_on() -> bool:
     path = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     return path.exists() and ("[always]" in path.read_text() or "[madvise]" in path.read_text())
+
+
+def _huge_page_bytes(tensor: torch.Tensor) -> int:
+    """Bytes of the 2 MB pages behind `tensor`'s memory (from /proc/self/smaps; 0 where it cannot tell)."""
+    address = tensor.data_ptr()
+    try:
+        with open("/proc/self/smaps") as smaps:
+            inside = False
+            for line in smaps:
+                fields = line.split()
+                if "-" in fields[0] and len(fields) >= 5:
+                    low, high = (int(part, 16) for part in fields[0].split("-"))
+                    inside = low <= address < high
+                elif inside and fields[0] == "AnonHugePages:":
+                    return int(fields[1]) * 1024
+    except OSError:
+        return 0
+    return 0
 
 
 def test_packed_copies_hold_the_same_values_back_to_back_in_order():
@@ -53,7 +71,7 @@ def test_the_arena_sits_on_huge_pages_where_the_system_offers_them():
     if not _huge_pages_on():
         pytest.skip("transparent huge pages are off on this machine")
     packed = pack_weights([torch.ones(3 * HUGE_PAGE // 4)])
-    assert huge_page_bytes(packed[0]) >= HUGE_PAGE
+    assert _huge_page_bytes(packed[0]) >= HUGE_PAGE
 
 
 @pytest.mark.parametrize("quantization", [None, "int8", "int4"])

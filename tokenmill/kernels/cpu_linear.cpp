@@ -583,9 +583,10 @@ inline void int8_tile(const uint8_t* panel, int64_t blocks, const Int8Blocks& x,
 //
 // Prefetch distance: with the weights back to back on 2 MB pages (models/weight_arena.py), 1-4 KB ahead
 // beats the 6 KB the tiles use: an int8 batch-1 step, distances alternated in one process in minutes when the
-// bandwidth probe read 52-59 GB/s, 3 KB against 6 KB 0.75-0.85 and 0.86 of the time (none at all 0.91;
-// 12 KB 1.03). The int4 tiles measured the other way (3 KB 1.17x, 6 KB kept), and fp32's 16 rows ahead
-// stayed best (4 rows 0.98-1.01, 1-2 rows 1.08-1.14, none 1.32).
+// bandwidth probe read 52-59 GB/s, 3 KB against 6 KB 0.80-0.86 of the time over three runs (0.75 at the
+// shortest contexts; none at all 0.91; 12 KB 1.03). The int4 tiles measured the other way (3 KB
+// 1.07-1.17x, 6 KB kept), and fp32's 16 rows ahead stayed best (4 rows 0.98-1.01, 1-2 rows 1.08-1.14, none
+// 1.32).
 constexpr int64_t kInt8RowAhead = 3072;
 
 inline void int8_row(const uint8_t* units, int64_t blocks, const Int8Blocks& x, const float* scales, int64_t N,

@@ -55,21 +55,3 @@ def pack_weights(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         views.append(view)
         offset += size
     return views
-
-
-def huge_page_bytes(tensor: torch.Tensor) -> int:
-    """Bytes of the 2 MB pages behind `tensor`'s memory (from /proc/self/smaps; 0 where it cannot tell)."""
-    address = tensor.data_ptr()
-    try:
-        with open("/proc/self/smaps") as smaps:
-            inside = False
-            for line in smaps:
-                fields = line.split()
-                if "-" in fields[0] and len(fields) >= 5:
-                    low, high = (int(part, 16) for part in fields[0].split("-"))
-                    inside = low <= address < high
-                elif inside and fields[0] == "AnonHugePages:":
-                    return int(fields[1]) * 1024
-    except OSError:
-        return 0
-    return 0
