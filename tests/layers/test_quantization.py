@@ -205,8 +205,11 @@ def test_quantised_engine_matches_transformers_on_the_same_weights(tiny_models, 
 
 
 def test_smollm2_quality_survives_quantisation(smollm_loaded):
-    """Issue bounds on a shorter text: int8 within 1% of fp32 perplexity, int4 within 5%."""
-    tokens = smollm_loaded.tokenizer.encode(perplexity_text())[:768]
+    """Issue bounds on a shorter text: int8 within 1% of fp32 perplexity, int4 within 5%. The ratio of two
+    perplexities wanders with the text's length: rounding noise moves a few tokens' log-probabilities, and on
+    768 tokens int8 measured +1.00% on a Xeon and +1.34% there with MKL_ENABLE_INSTRUCTIONS=AVX2 (the whole
+    text: +0.48%). On 2,048 tokens: +0.67% and +0.74%."""
+    tokens = smollm_loaded.tokenizer.encode(perplexity_text())[:2048]
     results = {}
     for quantization in (None, "int8", "int4"):
         engine = make_engine(smollm_loaded, quantization=quantization)
