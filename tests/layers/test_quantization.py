@@ -106,7 +106,7 @@ def test_gate_up_pairing_needs_whole_panels():
 
 
 def _kernel_outputs(path: str) -> None:
-    """The integer kernels' outputs on fixed inputs, saved for a process with another build to compare."""
+    """The integer kernels' and prefill attention's outputs on fixed inputs, for a process with another build."""
     outputs = []
     for shape in [(100, 96), (108, 64), (256, 576)]:  # last panels of 4 and 12 rows (of 8 and 16)
         torch.manual_seed(shape[0])
@@ -116,11 +116,25 @@ def _kernel_outputs(path: str) -> None:
         )
         for layer in layers:
             outputs += [layer(torch.randn(rows, shape[1])) for rows in (1, 2, 3, 64, 300)]
+    # Prefill attention: the VNNI build's 512-bit tiles sum in the 256-bit tiles' order (head sizes with and
+    # without a 16- and 64-column remainder).
+    for heads, kv_heads, dim in [(9, 3, 64), (4, 2, 40)]:
+        torch.manual_seed(dim)
+        spans = torch.tensor([[0, 37], [37, 42], [42, 242]])
+        q, k, v = (
+            torch.randn(242, heads, dim),
+            torch.randn(242, kv_heads, dim),
+            torch.randn(242, kv_heads, dim),
+        )
+        out = torch.empty_like(q)
+        torch.ops.tokenmill.prefill_attention_(out, q, k, v, spans, dim**-0.5)
+        outputs.append(out)
     torch.save(outputs, path)
 
 
 def test_the_avx2_build_gives_the_vnni_builds_numbers_bit_for_bit(tmp_path):
-    """Integer sums are exact and the scaling runs in the same order, so the ISA must not change one bit."""
+    """Integer sums are exact and the scaling runs in the same order, so the ISA must not change one bit (nor
+    in prefill attention, whose float sums run in the same order in either build)."""
     if kernel_isa() != "avx512vnni":
         pytest.skip("this CPU has no AVX-512 VNNI: only the AVX2 build exists here")
     env = {**os.environ, "TOKENMILL_ISA": "avx2"}
@@ -130,7 +144,7 @@ def test_the_avx2_build_gives_the_vnni_builds_numbers_bit_for_bit(tmp_path):
     subprocess.run([sys.executable, "-c", script], env=env, cwd=root, check=True, timeout=600)
     _kernel_outputs(str(tmp_path / "vnni"))
     avx2, vnni = torch.load(tmp_path / "avx2"), torch.load(tmp_path / "vnni")
-    assert len(avx2) == len(vnni) == 35
+    assert len(avx2) == len(vnni) == 37
     for a, b in zip(avx2, vnni, strict=True):
         assert torch.equal(a, b)
 

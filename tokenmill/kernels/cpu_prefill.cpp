@@ -7,7 +7,8 @@
 // - scores six query rows x sixteen keys at a time (twelve accumulators, per d two key loads, six
 //   broadcasts, twelve FMAs), only the tiles on or below the diagonal;
 // - exponentiates each row up to its own position and zeroes the rest of its tile;
-// - weighs the value rows six query rows x sixteen columns at a time, then divides by the sums.
+// - weighs the value rows six query rows x sixteen columns at a time, then divides by the sums;
+// with AVX-512 the tiles run in 512-bit registers (score_tiles16, value_tile16) to the same bits.
 #include <immintrin.h>
 
 #include <ATen/Parallel.h>
@@ -74,6 +75,52 @@ inline void value_tile(const float* p, int64_t p_stride, const float* values, in
   }
 }
 
+#ifdef __AVX512F__
+// With AVX-512 (the VNNI build) a tile of sixteen keys is one register: two tiles side by side (per d, two key
+// loads, MB broadcasts, 2 MB FMAs), and the values sixty-four columns at a time. Every lane sums in the order
+// the 256-bit tiles sum (over d, over keys), so the outputs are the same bits. One call, all spans of a step,
+// against the 256-bit tiles on the same machine: 8 prompts of 128 tokens 1.57 -> 1.13 ms, one of 1,024 9.6 ->
+// 6.2 ms, one of 2,048 37.9 -> 25.4 ms (best of 7 x 5 calls, alternating).
+template <int MB, int NT>
+inline void score_tiles16(const float* const* query, const float* kt, int64_t D, float scale, float* scores,
+                          int64_t stride) {
+  __m512 acc[MB][NT];
+  UNROLL8 for (int m = 0; m < MB; ++m) UNROLL4 for (int t = 0; t < NT; ++t) acc[m][t] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    __m512 k[NT];
+    UNROLL4 for (int t = 0; t < NT; ++t) k[t] = _mm512_loadu_ps(kt + t * D * kTileKeys + d * kTileKeys);
+    UNROLL8 for (int m = 0; m < MB; ++m) {
+      const __m512 x = _mm512_set1_ps(query[m][d]);
+      UNROLL4 for (int t = 0; t < NT; ++t) acc[m][t] = _mm512_fmadd_ps(x, k[t], acc[m][t]);
+    }
+  }
+  const __m512 factor = _mm512_set1_ps(scale);
+  UNROLL8 for (int m = 0; m < MB; ++m)
+    UNROLL4 for (int t = 0; t < NT; ++t)
+      _mm512_storeu_ps(scores + m * stride + 16 * t, _mm512_mul_ps(acc[m][t], factor));
+}
+
+// value_tile on sixteen columns per register.
+template <int MB, int C>
+inline void value_tile16(const float* p, int64_t p_stride, const float* values, int64_t v_row, int64_t keys,
+                         const float* inverse, float* const* out, int64_t d0) {
+  __m512 acc[MB][C];
+  UNROLL8 for (int m = 0; m < MB; ++m) UNROLL4 for (int c = 0; c < C; ++c) acc[m][c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < keys; ++j) {
+    __m512 v[C];
+    UNROLL4 for (int c = 0; c < C; ++c) v[c] = _mm512_loadu_ps(values + j * v_row + d0 + 16 * c);
+    UNROLL8 for (int m = 0; m < MB; ++m) {
+      const __m512 w = _mm512_set1_ps(p[m * p_stride + j]);
+      UNROLL4 for (int c = 0; c < C; ++c) acc[m][c] = _mm512_fmadd_ps(w, v[c], acc[m][c]);
+    }
+  }
+  UNROLL8 for (int m = 0; m < MB; ++m) {
+    const __m512 factor = _mm512_set1_ps(inverse[m]);
+    UNROLL4 for (int c = 0; c < C; ++c) _mm512_storeu_ps(out[m] + d0 + 16 * c, _mm512_mul_ps(acc[m][c], factor));
+  }
+}
+#endif
+
 template <typename Run>
 inline void with_rows(int64_t rows, Run run) {
   switch (rows) {
@@ -126,8 +173,13 @@ void attend_item(const Views& t, const Item& item, std::vector<float>& keys, std
       for (int m = 0; m < mb; ++m) query[m] = t.q + (item.start + i + m) * t.q_row + head * t.q_head;
       float* tile = scores.data() + (i - item.first) * width;
       with_rows(mb, [&](auto MB) {
-        for (int64_t j = 0; j < reach; j += kTileKeys)
-          score_tile<MB>(query, kt + j * D, D, t.scale, tile + j, width);
+        int64_t j = 0;
+#ifdef __AVX512F__
+        for (; j + 2 * kTileKeys <= reach; j += 2 * kTileKeys)
+          score_tiles16<MB, 2>(query, kt + j * D, D, t.scale, tile + j, width);
+        for (; j < reach; j += kTileKeys) score_tiles16<MB, 1>(query, kt + j * D, D, t.scale, tile + j, width);
+#endif
+        for (; j < reach; j += kTileKeys) score_tile<MB>(query, kt + j * D, D, t.scale, tile + j, width);
       });
       for (int m = 0; m < mb; ++m) {  // row i + m sees keys 0 .. i + m; the tile's later rows reach further
         float* row = tile + m * width;
@@ -142,6 +194,12 @@ void attend_item(const Views& t, const Item& item, std::vector<float>& keys, std
       const float* p = scores.data() + (i - item.first) * width;
       with_rows(mb, [&](auto MB) {
         int64_t d0 = 0;
+#ifdef __AVX512F__
+        for (; d0 + 64 <= D; d0 += 64)
+          value_tile16<MB, 4>(p, width, values, t.v_row, i + mb, inverse.data() + i - item.first, out, d0);
+        for (; d0 + 16 <= D; d0 += 16)
+          value_tile16<MB, 1>(p, width, values, t.v_row, i + mb, inverse.data() + i - item.first, out, d0);
+#endif
         for (; d0 + 16 <= D; d0 += 16)
           value_tile<MB, 2>(p, width, values, t.v_row, i + mb, inverse.data() + i - item.first, out, d0);
         if (d0 < D) value_tile<MB, 1>(p, width, values, t.v_row, i + mb, inverse.data() + i - item.first, out, d0);
