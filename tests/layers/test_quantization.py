@@ -106,7 +106,7 @@ def test_gate_up_pairing_needs_whole_panels():
 
 
 def _kernel_outputs(path: str) -> None:
-    """The integer kernels' and prefill attention's outputs on fixed inputs, for a process with another build."""
+    """Integer matmuls' and prefill attention's outputs on fixed inputs, for a process with another build."""
     outputs = []
     for shape in [(100, 96), (108, 64), (256, 576)]:  # last panels of 4 and 12 rows (of 8 and 16)
         torch.manual_seed(shape[0])
