@@ -589,7 +589,8 @@ constexpr int kInt8Panels = 2;  // panels per tile, from three input rows on
 // rows (the others are full). `stream`: the first tile of its panels, which prefetches the units ahead.
 template <int MB, int NB>
 inline void int8_tile(const uint8_t* panel, int64_t blocks, const Int8Blocks& x, int64_t m0, const float* scales,
-                      float* y, int64_t N, int64_t width, bool stream) {
+                      float* y, int64_t N, int64_t width, bool stream, const uint8_t* ahead = nullptr,
+                      int lines = 0) {
   const int64_t K = blocks * 32;
   const int8_t* xq = x.q + m0 * K;
   const float* xs = x.scale + m0 * blocks;
@@ -602,6 +603,7 @@ inline void int8_tile(const uint8_t* panel, int64_t blocks, const Int8Blocks& x,
       unit[n] = panel + kInt8Unit * (n * blocks + b);
       if (stream) UNROLL for (int c = 0; c < 8; ++c) prefetch_l2(unit[n] + kInt4Ahead + 64 * c);
     }
+    for (int c = 0; c < lines; ++c) prefetch_l2(ahead + 64 * (lines * b + c));
     __m512i sums[NB][MB];
     UNROLL for (int m = 0; m < MB; ++m) {
       const __m512i first = _mm512_set1_epi32(start[m * blocks + b]);
@@ -671,7 +673,8 @@ constexpr int kInt8Panels = 1;
 // As above for one half of one panel (eight rows, from `half`'s byte offset 0 or 32 in each vector).
 template <int MB, int NB>
 inline void int8_tile(const uint8_t* panel, int64_t blocks, const Int8Blocks& x, int64_t m0, const float* scales,
-                      float* y, int64_t N, int64_t width, bool stream) {
+                      float* y, int64_t N, int64_t width, bool stream, const uint8_t* ahead = nullptr,
+                      int lines = 0) {
   static_assert(NB == 1, "AVX2 has the registers for one panel");
   const int64_t K = blocks * 32;
   const int8_t* xq = x.q + m0 * K;
@@ -683,6 +686,7 @@ inline void int8_tile(const uint8_t* panel, int64_t blocks, const Int8Blocks& x,
     for (int64_t b = 0; b < blocks; ++b) {
       const uint8_t* unit = panel + kInt8Unit * b + 32 * half;
       if (stream && half == 0) UNROLL for (int c = 0; c < 8; ++c) prefetch_l2(unit + kInt4Ahead + 64 * c);
+      if (half == 0) for (int c = 0; c < lines; ++c) prefetch_l2(ahead + 64 * (lines * b + c));
       __m256i sums[MB];
       UNROLL for (int m = 0; m < MB; ++m) sums[m] = _mm256_setzero_si256();
       UNROLL for (int j = 0; j < 8; ++j) {
@@ -703,11 +707,27 @@ inline void int8_tile(const uint8_t* panel, int64_t blocks, const Int8Blocks& x,
 }
 #endif
 
+// next: the weights the thread reads after these panels (nullptr if none), `bytes` of them. The first tile
+// streams the panels from memory and prefetches kInt4Ahead bytes past them; the later tiles, which find the
+// panels in L1/L2, spread the prefetch of the rest of `next` over their blocks (`lines` per block), so that
+// the next panels' first tile does not wait on memory either. Alternated in one process, int8 weights: 64
+// requests of 128 -> 128 tokens (int8 KV) 8.65 -> 8.31 s (medians of six runs each); decode steps of 8
+// sequences 0.89x, of 32 0.91x (medians of 16-20 windows).
 template <int NB>
 inline void int8_rows(const uint8_t* panel, int64_t blocks, const Int8Blocks& x, int64_t m0, int64_t m1,
-                      const float* scales, float* y, int64_t N, int64_t n0, int64_t width) {
+                      const float* scales, float* y, int64_t N, int64_t n0, int64_t width,
+                      const uint8_t* next = nullptr, int64_t bytes = 0) {
+  const int64_t tiles = (m1 - m0 + kInt4TileRows - 1) / kInt4TileRows;
+  const int64_t rest = next ? bytes - kInt4Ahead : 0;
+  const int lines = tiles > 1 && rest > 0
+                        ? static_cast<int>(std::min<int64_t>(8, (rest / 64 + (tiles - 1) * blocks - 1) /
+                                                                     ((tiles - 1) * blocks)))
+                        : 0;
   in_row_tiles(m0, m1, [&](auto rows, int64_t m) {
-    int8_tile<decltype(rows)::value, NB>(panel, blocks, x, m, scales, y + m * N + n0, N, width, m == m0);
+    const int64_t tile = (m - m0) / kInt4TileRows, offset = (tile - 1) * blocks * 64 * lines;
+    const bool fetch = tile > 0 && offset < rest;
+    int8_tile<decltype(rows)::value, NB>(panel, blocks, x, m, scales, y + m * N + n0, N, width, m == m0,
+                                         fetch ? next + kInt4Ahead + offset : nullptr, fetch ? lines : 0);
   });
 }
 
@@ -728,14 +748,16 @@ inline void int8_tiles(const uint8_t* units, const float* scales, const Int8Bloc
         const int64_t n0 = p * kInt8Panel, width = std::min(kInt8Panel, N - n0 - (panels - 1) * kInt8Panel);
         for (int64_t n = 0; n < panels * kInt8Panel; ++n) panel_scales[n] = n0 + n < N ? scales[n0 + n] : 0.f;
         const uint8_t* panel = units + p * blocks * kInt8Unit;
+        const uint8_t* next = p + panels < end ? panel + panels * blocks * kInt8Unit : nullptr;
+        const int64_t next_bytes = std::min<int64_t>(panels, end - p - panels) * blocks * kInt8Unit;
         if constexpr (kInt8Panels > 1) {
           if (panels == kInt8Panels) {
-            int8_rows<kInt8Panels>(panel, blocks, x, m0, m1, panel_scales, y, N, n0, width);
+            int8_rows<kInt8Panels>(panel, blocks, x, m0, m1, panel_scales, y, N, n0, width, next, next_bytes);
             p += panels;
             continue;
           }
         }
-        int8_rows<1>(panel, blocks, x, m0, m1, panel_scales, y, N, n0, width);
+        int8_rows<1>(panel, blocks, x, m0, m1, panel_scales, y, N, n0, width, next, next_bytes);
         p += 1;
       }
     }
@@ -763,7 +785,9 @@ inline void int8_gated_tiles(const uint8_t* units, const float* scales, const In
         } else
 #endif
         if (kInt8Panels > 1 && M > 2) {
-          int8_rows<kInt8Panels>(panels, blocks, x, m0, m1, pair_scales, rows, pair, 0, kInt8Panel);
+          const uint8_t* next = p + 1 < end ? panels + 2 * blocks * kInt8Unit : nullptr;
+          int8_rows<kInt8Panels>(panels, blocks, x, m0, m1, pair_scales, rows, pair, 0, kInt8Panel, next,
+                                 2 * blocks * kInt8Unit);
         } else {
           int8_rows<1>(panels, blocks, x, m0, m1, pair_scales, rows, pair, 0, kInt8Panel);
           int8_rows<1>(panels + blocks * kInt8Unit, blocks, x, m0, m1, pair_scales + kInt8Panel, rows, pair,
