@@ -233,6 +233,19 @@ def test_smollm2_quality_survives_quantisation(smollm_loaded):
     assert 3 < results[None] < 40, results  # a sane model on English prose, not a broken loader
 
 
+def test_smollm2_int8_kv_cache_costs_little_perplexity(smollm_loaded):
+    """Windows prefilled in chunks read their earlier tokens back from the cache, as served sequences do: with
+    an fp32 cache that is the whole-window prefill's number (up to float rounding), and an int8 cache (keys,
+    values and, against them, the query rounded to int8) stays within 1% of it."""
+    tokens = smollm_loaded.tokenizer.encode(perplexity_text())[:1024]
+    model = make_engine(smollm_loaded).model
+    whole = perplexity(model, tokens, window=256)
+    chunked = perplexity(model, tokens, window=256, chunk=48)
+    rounded = perplexity(model, tokens, window=256, kv_dtype=torch.int8, chunk=48)
+    assert abs(chunked / whole - 1) < 1e-4, (whole, chunked)
+    assert rounded != chunked and abs(rounded / whole - 1) < 0.01, (whole, rounded)
+
+
 def test_smollm2_quality_holds_on_decode_sized_batches(smollm_loaded):
     """Windows of 4 tokens run every matmul as decode does (one- and few-row tiles, the one-row prefetching
     stream); the 256-token windows above take the many-row tiles. Same activation rounding, same bounds."""

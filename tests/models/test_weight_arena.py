@@ -4,10 +4,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import make_engine
 from tokenmill.layers.linear import DenseLinear
 from tokenmill.models.llama import LlamaModel
 from tokenmill.models.loader import load_model
-from tokenmill.models.weight_arena import ALIGN, HUGE_PAGE, pack_weights
+from tokenmill.models.weight_arena import ALIGN, HUGE_PAGE, pack_weights, zeros_on_huge_pages
 
 
 def _back_to_back(tensors: list[torch.Tensor]) -> bool:
@@ -72,6 +73,26 @@ def test_the_arena_sits_on_huge_pages_where_the_system_offers_them():
         pytest.skip("transparent huge pages are off on this machine")
     packed = pack_weights([torch.ones(3 * HUGE_PAGE // 4)])
     assert _huge_page_bytes(packed[0]) >= HUGE_PAGE
+
+
+def test_huge_page_zeros_are_zeros_of_the_shape_asked_for():
+    cache = zeros_on_huge_pages((3, 2, 1000, 3, 68), torch.int8)
+    assert cache.shape == (3, 2, 1000, 3, 68) and cache.dtype == torch.int8 and cache.is_contiguous()
+    assert not cache.any()
+    cache[2, 1, 999, 2, 67] = 5  # writable to its last byte
+    assert int(cache.sum()) == 5
+    floats = zeros_on_huge_pages((5, 7), torch.float32)
+    assert floats.shape == (5, 7) and not floats.any()
+
+
+def test_the_engines_kv_cache_sits_on_huge_pages(tiny_models):
+    if not _huge_pages_on():
+        pytest.skip("transparent huge pages are off on this machine")
+    engine = make_engine(load_model(tiny_models["llama"][0]), kv_cache_gib=0.01)
+    cache = engine.runner.kv_cache
+    assert cache.nbytes >= 2 * HUGE_PAGE and not cache.any()
+    cache.fill_(0)  # huge pages arrive as the memory is first touched
+    assert _huge_page_bytes(cache) >= HUGE_PAGE
 
 
 @pytest.mark.parametrize("quantization", [None, "int8", "int4"])

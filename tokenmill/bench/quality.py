@@ -1,7 +1,9 @@
 """What quantisation costs in quality: perplexity on a shipped text and greedy agreement with fp32.
 
 Perplexity runs the model over non-overlapping windows of the text (each window a fresh prefill, so every
-token is scored with up to `window - 1` tokens of context), the way llama.cpp's `perplexity` tool does.
+token is scored with up to `window - 1` tokens of context), the way llama.cpp's `perplexity` tool does. A
+format with a narrower KV cache (+kv16, +kv8) prefills each window in chunks that read the earlier tokens
+back from that cache, so its perplexity includes what the cache's rounding costs.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from tqdm import tqdm
 from tokenmill.bench.workloads import chat_messages, grounded_messages
 from tokenmill.config import EngineConfig
 from tokenmill.engine.engine import LLMEngine
-from tokenmill.layers.attention import AttentionContext, PrefillSpan
+from tokenmill.layers.attention import AttentionContext, PrefillSpan, kv_row_width
 from tokenmill.models.llama import LlamaModel
 from tokenmill.models.loader import LoadedModel, load_model
 from tokenmill.sampling import SamplingParams
@@ -25,6 +27,8 @@ from tokenmill.sampling import SamplingParams
 FORMATS = ("fp32", "int8", "int4")
 # A format name's suffix: the same weights over a float16 or an int8 KV cache.
 KV_SUFFIXES = {"+kv16": "float16", "+kv8": "int8"}
+# Formats with a narrower KV cache score their windows in prefill chunks of this many tokens (perplexity).
+KV_CHUNK = 64
 
 
 def format_options(name: str) -> dict:
@@ -43,10 +47,23 @@ def perplexity_text() -> str:
 
 
 @torch.inference_mode()
-def perplexity(model: LlamaModel, token_ids: list[int], window: int = 512, progress: bool = False) -> float:
-    """exp(mean negative log-likelihood) of every token after the first of each window."""
+def perplexity(
+    model: LlamaModel,
+    token_ids: list[int],
+    window: int = 512,
+    progress: bool = False,
+    kv_dtype: torch.dtype = torch.float32,
+    chunk: int | None = None,
+) -> float:
+    """exp(mean negative log-likelihood) of every token after the first of each window.
+
+    With `chunk`, each window goes in prefill chunks of that many tokens, every chunk after the first reading
+    the earlier ones back from a KV cache of `kv_dtype`, as a served sequence's later tokens do: the way to
+    see what a narrower cache costs (a whole-window prefill attends its own fresh fp32 K/V)."""
     cfg = model.config
-    kv_cache = torch.zeros(cfg.num_layers, 2, window, cfg.num_kv_heads, cfg.head_dim)
+    kv_cache = torch.zeros(
+        cfg.num_layers, 2, window, cfg.num_kv_heads, kv_row_width(cfg.head_dim, kv_dtype), dtype=kv_dtype
+    )
     total_nll = 0.0
     scored = 0
     starts = range(0, len(token_ids) - 1, window)
@@ -55,9 +72,17 @@ def perplexity(model: LlamaModel, token_ids: list[int], window: int = 512, progr
         length = ids.shape[0]
         if length < 2:
             break
-        ctx = AttentionContext(slot_mapping=torch.arange(length), prefills=[PrefillSpan(0, length)])
-        hidden = model.forward(ids, torch.arange(length), ctx, kv_cache)
-        logits = model.compute_logits(hidden[:-1])
+        hidden = []
+        step = chunk or length
+        for first in range(0, length, step):
+            last = min(length, first + step)
+            span = PrefillSpan(0, last - first)
+            if first > 0:
+                span.gather = torch.arange(last)
+                span.mask = torch.arange(last).unsqueeze(0) <= torch.arange(first, last).unsqueeze(1)
+            ctx = AttentionContext(slot_mapping=torch.arange(first, last), prefills=[span])
+            hidden.append(model.forward(ids[first:last], torch.arange(first, last), ctx, kv_cache))
+        logits = model.compute_logits(torch.cat(hidden)[:-1])
         total_nll += float(F.cross_entropy(logits, ids[1:], reduction="sum"))
         scored += length - 1
     return math.exp(total_nll / scored)
@@ -126,7 +151,9 @@ def run_quality(
         )
         engine = LLMEngine(config, loaded)
         started = time.perf_counter()
-        ppl = perplexity(engine.model, token_ids, progress=True)
+        kv_dtype = engine.runner.kv_cache.dtype
+        chunk = KV_CHUNK if kv_dtype != torch.float32 else None  # a narrower cache only counts when read back
+        ppl = perplexity(engine.model, token_ids, progress=True, kv_dtype=kv_dtype, chunk=chunk)
         prompts = agreement_prompts(engine, num_prompts)
         outputs = greedy_outputs(engine, prompts, max_tokens)
         reference_outputs = reference_outputs or outputs

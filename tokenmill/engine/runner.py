@@ -13,6 +13,7 @@ from tokenmill.kernels import kernels_available
 from tokenmill.layers.attention import AttentionContext, PrefillSpan, kv_row_width
 from tokenmill.layers.sampler import SamplingRow, sample, verify_draft
 from tokenmill.models.llama import LlamaModel
+from tokenmill.models.weight_arena import zeros_on_huge_pages
 from tokenmill.sampling import TokenLogprob
 
 StepResult = list[tuple[int, TokenLogprob | None]]
@@ -44,8 +45,8 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.branch_blocks = branch_blocks
         total_slots = (num_blocks + branch_blocks) * self.block_size
-        self.kv_cache = torch.zeros(
-            cfg.num_layers, 2, total_slots, cfg.num_kv_heads, kv_row_width(cfg.head_dim, dtype), dtype=dtype
+        self.kv_cache = zeros_on_huge_pages(
+            (cfg.num_layers, 2, total_slots, cfg.num_kv_heads, kv_row_width(cfg.head_dim, dtype)), dtype
         )
         # Per step: seq_id -> (branch row, its scratch slot, the real slot of its position); and the
         # sequences whose branch the target took -> that row (its hidden state is the verified one).

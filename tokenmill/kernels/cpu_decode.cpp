@@ -41,20 +41,6 @@ struct Layer {
   Linear qkv, o_proj, gate_up, down;
 };
 
-// D values -> D int8 (x * (127 / max|x|), to nearest even) and the scale max|x| / 127's four bytes: as
-// layers/attention.py's quantize_kv, byte for byte.
-void to_int8_row(const float* in, int64_t D, int8_t* out) {
-  float largest = 0.f;
-  for (int64_t d = 0; d < D; ++d) largest = std::max(largest, std::fabs(in[d]));
-  // As PyTorch evaluates quantize_kv's 127.0 / largest: reciprocal, then times 127 (one bit off the true
-  // quotient for a quarter of rows, enough to round a value halfway between two steps the other way).
-  const float inverse = largest > 0.f ? (1.f / largest) * 127.f : 0.f;
-  for (int64_t d = 0; d < D; ++d)
-    out[d] = static_cast<int8_t>(std::clamp(std::nearbyint(in[d] * inverse), -127.f, 127.f));
-  const float scale = largest / 127.f;
-  std::memcpy(out + D, &scale, sizeof(scale));
-}
-
 void to_half(const float* in, at::Half* out, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)

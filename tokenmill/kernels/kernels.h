@@ -26,6 +26,10 @@ at::Tensor silu_mul(const at::Tensor& gate_up);
 // row] caches holding fp32, fp16 or int8 rows (D values and a 4-byte scale).
 void write_kv_rows(const float* key, const float* value, int64_t stride, const int64_t* slot, int64_t T,
                    int64_t kv_heads, int64_t D, at::ScalarType dtype, char* keys, char* values);
+// D values -> D int8 (x * (127 / max|x|), to nearest even) and the scale max|x| / 127's four bytes: as
+// layers/attention.py's quantize_kv, byte for byte. The cache writes round K and V rows this way, and decode
+// attention the query that meets an int8 cache.
+void to_int8_row(const float* in, int64_t D, int8_t* out);
 at::Tensor paged_decode_attention_rows(const float* q, int64_t q_row, int64_t q_head, int64_t B, int64_t Hq,
                                        int64_t D, const void* keys, const void* values, at::ScalarType dtype,
                                        int64_t slots,

@@ -80,6 +80,12 @@ def _from_cache(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return dequantize_kv(rows).to(dtype) if rows.dtype == torch.int8 else rows.to(dtype)
 
 
+def _query_for(q: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    """The query as it meets the cache: against int8 keys it is rounded to int8 too, one scale per head, as
+    the decode kernel rounds it (its scores are then integer dot products, scaled once)."""
+    return dequantize_kv(quantize_kv(q.float())).to(q.dtype) if cache.dtype == torch.int8 else q
+
+
 def write_kv_cache(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
 ) -> None:
@@ -132,7 +138,12 @@ def paged_attention(
         )  # [B, Hkv, S, D]
         values = _from_cache(v_cache.index_select(0, ctx.decode_gather), q.dtype).view(shape).transpose(1, 2)
         attended = F.scaled_dot_product_attention(
-            q[:b].unsqueeze(2), keys, values, attn_mask=ctx.decode_bias, scale=scale, enable_gqa=True
+            _query_for(q[:b], k_cache).unsqueeze(2),
+            keys,
+            values,
+            attn_mask=ctx.decode_bias,
+            scale=scale,
+            enable_gqa=True,
         )
         out[:b] = attended.squeeze(2)
     # Prompts over their own fresh K/V: our causal kernel, all of them in one call (~4x SDPA's speed).
@@ -156,7 +167,7 @@ def paged_attention(
             keys = _from_cache(k_cache.index_select(0, span.gather), q.dtype).transpose(0, 1)[None]
             values = _from_cache(v_cache.index_select(0, span.gather), q.dtype).transpose(0, 1)[None]
             attended = F.scaled_dot_product_attention(
-                query, keys, values, attn_mask=span.mask, scale=scale, enable_gqa=True
+                _query_for(query, k_cache), keys, values, attn_mask=span.mask, scale=scale, enable_gqa=True
             )
         out[span.start : span.end] = attended[0].transpose(0, 1)
     return out
