@@ -313,8 +313,8 @@ inline __m512i key_bytes(const int8_t* key, int64_t v, int64_t D) {
   return _mm512_xor_si512(bytes, flip);
 }
 
-// Lane sums of sixteen vectors in one: four levels of adding pairs, each shuffling halves of the vectors'
-// lanes against each other (32-bit, 64-bit, 128-bit, 256-bit), so that lane j ends as the sum of a[j]'s lanes.
+// Lane sums of sixteen vectors in one: four levels of adding pairs of vectors, each interleaving their 32-bit
+// words, then 64-bit pairs, then (twice) 128-bit quarters, so that lane j ends as the sum of vector j's lanes.
 inline __m512i sum_pairs32(__m512i a, __m512i b) {
   return _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
 }
