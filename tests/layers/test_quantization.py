@@ -16,6 +16,7 @@ from tokenmill.bench.quality import perplexity, perplexity_text
 from tokenmill.config import EngineConfig
 from tokenmill.errors import InvalidParameterError
 from tokenmill.kernels import kernel_isa, kernels_available
+from tokenmill.layers.attention import quantize_kv
 from tokenmill.layers.linear import DenseLinear, Int4Linear, Int8GateUp, Int8Linear, make_gate_up
 from tokenmill.layers.norm import silu_mul
 from tokenmill.layers.quantization import (
@@ -106,7 +107,7 @@ def test_gate_up_pairing_needs_whole_panels():
 
 
 def _kernel_outputs(path: str) -> None:
-    """Integer matmuls' and prefill attention's outputs on fixed inputs, for a process with another build."""
+    """Integer matmuls' and attention's outputs on fixed inputs, for a process with another build."""
     outputs = []
     for shape in [(100, 96), (108, 64), (256, 576)]:  # last panels of 4 and 12 rows (of 8 and 16)
         torch.manual_seed(shape[0])
@@ -129,12 +130,31 @@ def _kernel_outputs(path: str) -> None:
         out = torch.empty_like(q)
         torch.ops.tokenmill.prefill_attention_(out, q, k, v, spans, dim**-0.5)
         outputs.append(out)
+    # Decode attention from the paged cache: 512-bit values and exps, and over int8 rows integer scores
+    # (vpdpbusd against vpmaddubsw), each to the same bits; contexts of whole and partial 16-key groups.
+    for dtype in (torch.float32, torch.float16, torch.int8):
+        for heads, kv_heads, dim in [(9, 3, 64), (4, 2, 40)]:
+            torch.manual_seed(dim)
+            rows = torch.randn(80 * 8, kv_heads, dim), torch.randn(80 * 8, kv_heads, dim)
+            k_cache, v_cache = (quantize_kv(r) if dtype == torch.int8 else r.to(dtype) for r in rows)
+            blocks = torch.randperm(80)
+            # Four sequences (one item per sequence and KV head), then one long one split into parts.
+            for lengths, tables in [
+                (torch.tensor([1, 37, 130, 64]), blocks[:68].reshape(4, 17)),
+                (torch.tensor([300]), blocks[:38].reshape(1, 38)),
+            ]:
+                q = torch.randn(len(lengths), heads, dim)
+                outputs.append(
+                    torch.ops.tokenmill.paged_decode_attention(
+                        q, k_cache, v_cache, tables, lengths, 8, dim**-0.5
+                    )
+                )
     torch.save(outputs, path)
 
 
 def test_the_avx2_build_gives_the_vnni_builds_numbers_bit_for_bit(tmp_path):
     """Integer sums are exact and the scaling runs in the same order, so the ISA must not change one bit (nor
-    in prefill attention, whose float sums run in the same order in either build)."""
+    in prefill and decode attention, whose float sums run in the same order in either build)."""
     if kernel_isa() != "avx512vnni":
         pytest.skip("this CPU has no AVX-512 VNNI: only the AVX2 build exists here")
     env = {**os.environ, "TOKENMILL_ISA": "avx2"}
@@ -144,7 +164,7 @@ def test_the_avx2_build_gives_the_vnni_builds_numbers_bit_for_bit(tmp_path):
     subprocess.run([sys.executable, "-c", script], env=env, cwd=root, check=True, timeout=600)
     _kernel_outputs(str(tmp_path / "vnni"))
     avx2, vnni = torch.load(tmp_path / "avx2"), torch.load(tmp_path / "vnni")
-    assert len(avx2) == len(vnni) == 37
+    assert len(avx2) == len(vnni) == 49
     for a, b in zip(avx2, vnni, strict=True):
         assert torch.equal(a, b)
 

@@ -142,43 +142,56 @@ constexpr int kKeysAtOnce = 8, kValueVectors = 8;
 constexpr int kKeysAtOnce = 4, kValueVectors = 4;
 #endif
 
+// Keys from s on, J at a time while J remain; returns where it stopped. Each key's score is its own FMAs
+// over D and one sum4x8, whatever J is.
+template <int NG, int J, typename T>
+int64_t score_key_groups(const float* const* query, const T* keys, const int64_t* slot_of, int64_t L,
+                         int64_t stride, int64_t D, float scale, float* const* scores, const Fetch& fetch,
+                         int64_t s) {
+  for (; s + J <= L; s += J) {
+    __m256 acc[NG][J];
+    const T* key[J];
+    UNROLL8 for (int j = 0; j < J; ++j) {
+      key[j] = keys + slot_of[s + j] * stride;
+      if (s + kAheadKeys + j < L) prefetch_row(keys + slot_of[s + kAheadKeys + j] * stride, D);
+      fetch.row(s + j);
+      UNROLL4 for (int g = 0; g < NG; ++g) acc[g][j] = _mm256_setzero_ps();
+    }
+    for (int64_t d = 0; d < D; d += 8) {
+      __m256 q[NG];
+      UNROLL4 for (int g = 0; g < NG; ++g) q[g] = _mm256_loadu_ps(query[g] + d);
+      UNROLL8 for (int j = 0; j < J; ++j) {
+        const __m256 k = load8(key[j] + d);
+        UNROLL4 for (int g = 0; g < NG; ++g) acc[g][j] = _mm256_fmadd_ps(q[g], k, acc[g][j]);
+      }
+    }
+    __m128 scales[J / 4];
+    UNROLL4 for (int j = 0; j < J; j += 4) {
+      if constexpr (kScaledRows<T>) {
+        scales[j / 4] = _mm_mul_ps(_mm_setr_ps(row_scale(key[j], D), row_scale(key[j + 1], D),
+                                               row_scale(key[j + 2], D), row_scale(key[j + 3], D)),
+                                   _mm_set1_ps(scale));
+      } else {
+        scales[j / 4] = _mm_set1_ps(scale);
+      }
+    }
+    UNROLL4 for (int g = 0; g < NG; ++g)
+      UNROLL4 for (int j = 0; j < J; j += 4)
+        _mm_storeu_ps(scores[g] + s + j, _mm_mul_ps(sum4x8(acc[g] + j), scales[j / 4]));
+  }
+  return s;
+}
+
+// Groups of kKeysAtOnce keys, then (AVX-512) of four: the keys the AVX2 build scores in groups of four are
+// scored the same way in both builds, so a context's scores are the same bits in either.
 template <int NG, typename T>
 void score_keys_heads(const float* const* query, const T* keys, const int64_t* slot_of, int64_t L,
                       int64_t stride, int64_t D, float scale, float* const* scores, const Fetch& fetch) {
-  constexpr int J = kKeysAtOnce;
   int64_t s = 0;
   if (D % 8 == 0) {
-    for (; s + J <= L; s += J) {
-      __m256 acc[NG][J];
-      const T* key[J];
-      UNROLL8 for (int j = 0; j < J; ++j) {
-        key[j] = keys + slot_of[s + j] * stride;
-        if (s + kAheadKeys + j < L) prefetch_row(keys + slot_of[s + kAheadKeys + j] * stride, D);
-        fetch.row(s + j);
-        UNROLL4 for (int g = 0; g < NG; ++g) acc[g][j] = _mm256_setzero_ps();
-      }
-      for (int64_t d = 0; d < D; d += 8) {
-        __m256 q[NG];
-        UNROLL4 for (int g = 0; g < NG; ++g) q[g] = _mm256_loadu_ps(query[g] + d);
-        UNROLL8 for (int j = 0; j < J; ++j) {
-          const __m256 k = load8(key[j] + d);
-          UNROLL4 for (int g = 0; g < NG; ++g) acc[g][j] = _mm256_fmadd_ps(q[g], k, acc[g][j]);
-        }
-      }
-      __m128 scales[J / 4];
-      UNROLL4 for (int j = 0; j < J; j += 4) {
-        if constexpr (kScaledRows<T>) {
-          scales[j / 4] = _mm_mul_ps(_mm_setr_ps(row_scale(key[j], D), row_scale(key[j + 1], D),
-                                                 row_scale(key[j + 2], D), row_scale(key[j + 3], D)),
-                                     _mm_set1_ps(scale));
-        } else {
-          scales[j / 4] = _mm_set1_ps(scale);
-        }
-      }
-      UNROLL4 for (int g = 0; g < NG; ++g)
-        UNROLL4 for (int j = 0; j < J; j += 4)
-          _mm_storeu_ps(scores[g] + s + j, _mm_mul_ps(sum4x8(acc[g] + j), scales[j / 4]));
-    }
+    s = score_key_groups<NG, kKeysAtOnce>(query, keys, slot_of, L, stride, D, scale, scores, fetch, s);
+    if constexpr (kKeysAtOnce > 4)
+      s = score_key_groups<NG, 4>(query, keys, slot_of, L, stride, D, scale, scores, fetch, s);
   }
   for (int g = 0; g < NG; ++g) score_keys(query[g], keys, slot_of + s, L - s, stride, D, scale, scores[g] + s);
   fetch.rest(s);
