@@ -148,6 +148,7 @@ template <int NG, int J, typename T>
 int64_t score_key_groups(const float* const* query, const T* keys, const int64_t* slot_of, int64_t L,
                          int64_t stride, int64_t D, float scale, float* const* scores, const Fetch& fetch,
                          int64_t s) {
+  static_assert(!kScaledRows<T>, "int8 rows score as integers (score_keys_int8)");
   for (; s + J <= L; s += J) {
     __m256 acc[NG][J];
     const T* key[J];
@@ -165,19 +166,9 @@ int64_t score_key_groups(const float* const* query, const T* keys, const int64_t
         UNROLL4 for (int g = 0; g < NG; ++g) acc[g][j] = _mm256_fmadd_ps(q[g], k, acc[g][j]);
       }
     }
-    __m128 scales[J / 4];
-    UNROLL4 for (int j = 0; j < J; j += 4) {
-      if constexpr (kScaledRows<T>) {
-        scales[j / 4] = _mm_mul_ps(_mm_setr_ps(row_scale(key[j], D), row_scale(key[j + 1], D),
-                                               row_scale(key[j + 2], D), row_scale(key[j + 3], D)),
-                                   _mm_set1_ps(scale));
-      } else {
-        scales[j / 4] = _mm_set1_ps(scale);
-      }
-    }
     UNROLL4 for (int g = 0; g < NG; ++g)
       UNROLL4 for (int j = 0; j < J; j += 4)
-        _mm_storeu_ps(scores[g] + s + j, _mm_mul_ps(sum4x8(acc[g] + j), scales[j / 4]));
+        _mm_storeu_ps(scores[g] + s + j, _mm_mul_ps(sum4x8(acc[g] + j), _mm_set1_ps(scale)));
   }
   return s;
 }

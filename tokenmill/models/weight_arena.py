@@ -20,6 +20,7 @@ wherever the block manager put them, so on 4 KB pages nearly every block it visi
 
 from __future__ import annotations
 
+import math
 import mmap
 
 import torch
@@ -71,10 +72,7 @@ def zeros_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Ten
     each sequence's blocks wherever the block manager put them, and on 4 KB pages nearly every block is a TLB
     miss and a page walk. Measured on one layer's decode attention (64 sequences of 192 tokens, int8 cache,
     cold): 481 -> 392 us; in the engine's 64-request batch the gain was within the run-to-run noise."""
-    count = 1
-    for size in shape:
-        count *= size
-    nbytes = count * torch.empty(0, dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     # Touched now, as torch.zeros would: the pages arrive (and the kernel finds and zeroes the huge ones) at
     # load rather than in the middle of serving, where the block manager hands out never-used blocks first.
     return _huge_page_arena(nbytes).zero_().view(dtype).view(shape)
