@@ -98,6 +98,28 @@ def test_int8_gate_up_is_silu_of_the_plain_int8_projection_bit_for_bit(rows, sha
     torch.testing.assert_close(fused.silu_gate_up(x), out, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("rows", (1, 2, 5, 64))
+@pytest.mark.parametrize("outputs", (49152, 1000))  # 1000: a last panel of 8 rows, a last chunk part full
+def test_int8_argmax_is_the_argmax_of_the_int8_outputs(rows, outputs):
+    """The LM head's greedy kernel finds each row's largest output chunk by chunk: the first index on ties,
+    across chunks and threads too, and NaN rows as torch.argmax takes them."""
+    torch.manual_seed(rows)
+    weight = torch.randn(outputs, 96) * 0.05
+    x = torch.randn(rows, 96)
+    pattern = x[0].sign()
+    x[0] = pattern
+    weight[30] = weight[700] = weight[outputs - 1] = pattern * 0.5  # a three-way tie, the largest in row 0
+    layer = Int8Linear(weight)
+    if rows > 1:
+        x[1, 5] = float("nan")
+    expected = layer(x).argmax(dim=-1)
+    assert expected[0] == 30
+    assert torch.equal(layer.argmax(x), expected)
+    layer.use_kernel = False
+    assert layer.argmax(x) is None  # the caller then takes the logits
+    assert Int8Linear(weight, bias=torch.zeros(outputs)).argmax(x) is None
+
+
 def test_gate_up_pairing_needs_whole_panels():
     assert pair_gate_up_rows(64).tolist()[:34] == [*range(16), *range(32, 48), 16, 17]
     with pytest.raises(ValueError, match="multiple of 16"):

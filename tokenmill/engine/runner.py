@@ -11,7 +11,7 @@ from tokenmill.config import EngineConfig, ModelConfig
 from tokenmill.engine.batch import ScheduledBatch, ScheduledSequence
 from tokenmill.kernels import kernels_available
 from tokenmill.layers.attention import AttentionContext, PrefillSpan, kv_row_width
-from tokenmill.layers.sampler import SamplingRow, sample, verify_draft
+from tokenmill.layers.sampler import SamplingRow, argmax_suffices, sample, verify_draft
 from tokenmill.models.llama import LlamaModel
 from tokenmill.models.weight_arena import zeros_on_huge_pages
 from tokenmill.sampling import TokenLogprob
@@ -206,20 +206,38 @@ class ModelRunner:
         if batch.block_copies:
             self.copy_blocks(batch.block_copies)
         input_ids, positions, ctx, ranges = self.prepare(batch.entries)
-        prepared = time.perf_counter()
-        hidden = self.model.forward(input_ids, positions, ctx, self.kv_cache)
-        if keep_hidden:
-            self.last_hidden, self.last_ranges = hidden, ranges
         wanted = [(e.seq, r) for e, r in zip(batch.entries, ranges, strict=True) if e.seq.seq_id in rows]
-        if not wanted:
-            self._record(started, prepared, time.perf_counter())
-            return {}
         picked: list[int] = []
         for seq, (start, end) in wanted:
             picked.extend(range(start, end) if seq.draft_token_ids else [end - 1])
             if seq.seq_id in self.branch_rows:
                 picked.append(self.branch_rows[seq.seq_id][0])
-        logits = self.model.compute_logits(_rows(hidden, picked))
+        prepared = time.perf_counter()
+        if keep_hidden:  # a proposer reads every row's hidden state
+            hidden = self.model.forward(input_ids, positions, ctx, self.kv_cache)
+            self.last_hidden, self.last_ranges = hidden, ranges
+            sampled = _rows(hidden, picked)
+        elif picked == list(range(len(input_ids))):
+            sampled = self.model.forward(input_ids, positions, ctx, self.kv_cache)
+        else:
+            sampled = self.model.forward(
+                input_ids, positions, ctx, self.kv_cache, torch.tensor(picked, dtype=torch.long)
+            )
+        if not wanted:
+            self._record(started, prepared, time.perf_counter())
+            return {}
+        if len(picked) == len(wanted) and all(argmax_suffices(rows[seq.seq_id]) for seq, _ in wanted):
+            # Every row greedy and one per sequence: the tokens without the logits (an int8 LM head's kernel).
+            tokens = self.model.greedy_tokens(sampled)
+            if tokens is not None:
+                computed = time.perf_counter()
+                self.branch_taken = {}
+                results = {
+                    seq.seq_id: [(t, None)] for (seq, _), t in zip(wanted, tokens.tolist(), strict=True)
+                }
+                self._record(started, prepared, computed)
+                return results
+        logits = self.model.compute_logits(sampled)
         computed = time.perf_counter()
         results: dict[int, StepResult] = {}
         offset = 0

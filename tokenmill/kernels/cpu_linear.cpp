@@ -25,12 +25,14 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <type_traits>
 #include <vector>
@@ -646,8 +648,9 @@ inline void int8_tile(const uint8_t* panel, int64_t blocks, const Int8Blocks& x,
 // 1.32).
 constexpr int64_t kInt8RowAhead = 3072;
 
+// Panel p's outputs go to y + p * 16 - col0.
 inline void int8_row(const uint8_t* units, int64_t blocks, const Int8Blocks& x, const float* scales, int64_t N,
-                     int64_t p0, int64_t p1, float* y) {
+                     int64_t p0, int64_t p1, float* y, int64_t col0 = 0) {
   for (int64_t p = p0; p < p1; ++p) {
     const uint8_t* panel = units + p * blocks * kInt8Unit;
     __m512 acc = _mm512_setzero_ps();
@@ -664,7 +667,7 @@ inline void int8_row(const uint8_t* units, int64_t blocks, const Int8Blocks& x, 
     }
     const int64_t n0 = p * kInt8Panel;
     const __mmask16 rows = __mmask16((1u << std::min(kInt8Panel, N - n0)) - 1);
-    _mm512_mask_storeu_ps(y + n0, rows, _mm512_mul_ps(acc, _mm512_maskz_loadu_ps(rows, scales + n0)));
+    _mm512_mask_storeu_ps(y + (n0 - col0), rows, _mm512_mul_ps(acc, _mm512_maskz_loadu_ps(rows, scales + n0)));
   }
 }
 #else
@@ -731,36 +734,48 @@ inline void int8_rows(const uint8_t* panel, int64_t blocks, const Int8Blocks& x,
   });
 }
 
-// As int4_tiles: threads split the panels, each meets the rows while it sits in L1. One or two rows take a
-// panel at a time (one sequential stream per thread).
+// Panels begin .. end - 1 of y = x W^T, every row: one or two rows take a panel at a time (one sequential
+// stream), more meet each panel while it sits in L1. Panel p's outputs go to columns p * 16 - col0 of y,
+// whose rows are ldy apart.
+// stream_end: where the thread's run of panels ends (its later tiles prefetch the panels after `end` up to it).
+// Always inlined: called from two places, GCC otherwise kept it out of line and the 4 x 32 tiles with it, a
+// call per tile (int8 matmuls ~4% slower).
+__attribute__((always_inline)) inline void int8_panels(const uint8_t* units, const float* scales, const Int8Blocks& x, int64_t M, int64_t N,
+                        int64_t K, int64_t begin, int64_t end, float* y, int64_t ldy, int64_t col0,
+                        int64_t stream_end) {
+  const int64_t blocks = K / 32;
+#ifdef __AVX512VNNI__
+  if (M == 1) return int8_row(units, blocks, x, scales, N, begin, end, y, col0);
+#endif
+  alignas(64) float panel_scales[kInt8Panels * kInt8Panel];
+  for (int64_t m0 = 0; m0 < M; m0 += kInt4RowChunk) {
+    const int64_t m1 = std::min(M, m0 + kInt4RowChunk);
+    for (int64_t p = begin; p < end;) {
+      const int64_t panels = M > 2 ? std::min<int64_t>(kInt8Panels, end - p) : 1;
+      const int64_t n0 = p * kInt8Panel, width = std::min(kInt8Panel, N - n0 - (panels - 1) * kInt8Panel);
+      for (int64_t n = 0; n < panels * kInt8Panel; ++n) panel_scales[n] = n0 + n < N ? scales[n0 + n] : 0.f;
+      const uint8_t* panel = units + p * blocks * kInt8Unit;
+      const uint8_t* next = p + panels < stream_end ? panel + panels * blocks * kInt8Unit : nullptr;
+      const int64_t next_bytes = std::min<int64_t>(panels, stream_end - p - panels) * blocks * kInt8Unit;
+      if constexpr (kInt8Panels > 1) {
+        if (panels == kInt8Panels) {
+          int8_rows<kInt8Panels>(panel, blocks, x, m0, m1, panel_scales, y, ldy, n0 - col0, width, next,
+                                 next_bytes);
+          p += panels;
+          continue;
+        }
+      }
+      int8_rows<1>(panel, blocks, x, m0, m1, panel_scales, y, ldy, n0 - col0, width, next, next_bytes);
+      p += 1;
+    }
+  }
+}
+
+// As int4_tiles: threads split the panels.
 inline void int8_tiles(const uint8_t* units, const float* scales, const Int8Blocks& x, int64_t M, int64_t N,
                        int64_t K, float* y) {
-  const int64_t blocks = K / 32;
   at::parallel_for(0, (N + kInt8Panel - 1) / kInt8Panel, 1, [&](int64_t begin, int64_t end) {
-#ifdef __AVX512VNNI__
-    if (M == 1) return int8_row(units, blocks, x, scales, N, begin, end, y);
-#endif
-    alignas(64) float panel_scales[kInt8Panels * kInt8Panel];
-    for (int64_t m0 = 0; m0 < M; m0 += kInt4RowChunk) {
-      const int64_t m1 = std::min(M, m0 + kInt4RowChunk);
-      for (int64_t p = begin; p < end;) {
-        const int64_t panels = M > 2 ? std::min<int64_t>(kInt8Panels, end - p) : 1;
-        const int64_t n0 = p * kInt8Panel, width = std::min(kInt8Panel, N - n0 - (panels - 1) * kInt8Panel);
-        for (int64_t n = 0; n < panels * kInt8Panel; ++n) panel_scales[n] = n0 + n < N ? scales[n0 + n] : 0.f;
-        const uint8_t* panel = units + p * blocks * kInt8Unit;
-        const uint8_t* next = p + panels < end ? panel + panels * blocks * kInt8Unit : nullptr;
-        const int64_t next_bytes = std::min<int64_t>(panels, end - p - panels) * blocks * kInt8Unit;
-        if constexpr (kInt8Panels > 1) {
-          if (panels == kInt8Panels) {
-            int8_rows<kInt8Panels>(panel, blocks, x, m0, m1, panel_scales, y, N, n0, width, next, next_bytes);
-            p += panels;
-            continue;
-          }
-        }
-        int8_rows<1>(panel, blocks, x, m0, m1, panel_scales, y, N, n0, width, next, next_bytes);
-        p += 1;
-      }
-    }
+    int8_panels(units, scales, x, M, N, K, begin, end, y, N, 0, end);
   });
 }
 
@@ -856,6 +871,65 @@ at::Tensor int8_silu_gate_up(const at::Tensor& x_in, const at::Tensor& units, co
   return y;
 }
 
+// Greedy decoding wants each row's largest logit, not the logits: at batch 64 the LM head's output is
+// [64, 49152] fp32, 12.6 MB written by the matmul and read back by argmax_rows. Here each thread's panels go
+// a chunk at a time through a buffer that stays in L2, and only each row's best value and its index leave
+// it: the same logits (the same tiles), the first index on ties, as argmax_rows(int8_linear(...)). A row
+// with a NaN or no value above -inf gets -1, for the caller to take through the logits.
+constexpr int64_t kArgmaxPanels = 32;  // panels per chunk: [64, 512] fp32 is 128 KB
+
+at::Tensor int8_linear_argmax(const at::Tensor& x_in, const at::Tensor& units, const at::Tensor& scales) {
+  check_int8_weights(units, scales, false);
+  const int64_t K = units.size(1) * 32;
+  at::Tensor x = check_input(x_in, K);
+  const int64_t M = x.size(0), N = scales.numel(), P = (N + kInt8Panel - 1) / kInt8Panel;
+  at::Tensor out = at::full({M}, -1, x.options().dtype(at::kLong));
+  if (M == 0) return out;
+  const Int8Blocks xq = quantize_blocks_int8(x.data_ptr<float>(), M, K);
+  const uint8_t* up = units.data_ptr<uint8_t>();
+  const float* sp = scales.data_ptr<float>();
+  const int64_t threads = at::get_num_threads(), ld = kArgmaxPanels * kInt8Panel;
+  std::vector<float> peaks(threads * M, -std::numeric_limits<float>::infinity());
+  std::vector<int64_t> where(threads * M, -1);
+  std::vector<uint8_t> unordered(threads * M, 0);
+  at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+    const int64_t t = at::get_thread_num();
+    thread_local std::vector<int32_t> scratch;
+    float* chunk = reinterpret_cast<float*>(aligned_scratch(scratch, M * ld));
+    for (int64_t c = begin; c < end; c += kArgmaxPanels) {
+      const int64_t c1 = std::min(end, c + kArgmaxPanels), col0 = c * kInt8Panel;
+      const int64_t cols = std::min(N, c1 * kInt8Panel) - col0;
+      int8_panels(up, sp, xq, M, N, K, c, c1, chunk, ld, col0, end);
+      for (int64_t m = 0; m < M; ++m) {
+        const float* row = chunk + m * ld;
+        const auto [best, nan] = tokenmill::row_peak(row, cols);
+        unordered[t * M + m] |= nan;
+        if (nan || !(best > peaks[t * M + m])) continue;  // an earlier chunk's equal value stays first
+        int64_t index = 0;
+        while (row[index] != best) ++index;
+        peaks[t * M + m] = best;
+        where[t * M + m] = col0 + index;
+      }
+    }
+  });
+  int64_t* op = out.data_ptr<int64_t>();
+  for (int64_t m = 0; m < M; ++m) {
+    float best = -std::numeric_limits<float>::infinity();
+    int64_t index = -1;
+    bool nan = false;
+    for (int64_t t = 0; t < threads; ++t) {
+      nan |= unordered[t * M + m] != 0;
+      const int64_t at = where[t * M + m];
+      if (at >= 0 && (peaks[t * M + m] > best || (peaks[t * M + m] == best && at < index))) {
+        best = peaks[t * M + m];
+        index = at;
+      }
+    }
+    op[m] = nan ? -1 : index;
+  }
+  return out;
+}
+
 // blocks: quantization.py's Int4Weight.blocks, uint8 [ceil(N / 8), K / 32, 160]; N: the output rows.
 at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& blocks, int64_t N) {
   TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.is_contiguous() && blocks.dim() == 3 &&
@@ -907,6 +981,7 @@ at::Tensor fp32_linear(const at::Tensor& x_in, const at::Tensor& weight) {
 TORCH_LIBRARY(tokenmill, m) {
   m.def("int8_linear(Tensor x, Tensor units, Tensor scales) -> Tensor");
   m.def("int8_silu_gate_up(Tensor x, Tensor units, Tensor scales) -> Tensor");
+  m.def("int8_linear_argmax(Tensor x, Tensor units, Tensor scales) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor blocks, int rows) -> Tensor");
   m.def("fp32_linear(Tensor x, Tensor weight) -> Tensor");
 }
@@ -914,6 +989,7 @@ TORCH_LIBRARY(tokenmill, m) {
 TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
   m.impl("int8_linear", &tokenmill::int8_linear);
   m.impl("int8_silu_gate_up", &tokenmill::int8_silu_gate_up);
+  m.impl("int8_linear_argmax", &tokenmill::int8_linear_argmax);
   m.impl("int4_linear", &tokenmill::int4_linear);
   m.impl("fp32_linear", &tokenmill::fp32_linear);
 }

@@ -151,33 +151,6 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   return y;
 }
 
-// A row's largest value, and whether it holds a NaN (which max comparisons skip), eight lanes at a time.
-struct RowPeak {
-  float best;
-  bool nan;
-};
-
-inline RowPeak row_peak(const float* row, int64_t V) {
-  __m256 peak = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  __m256 unordered = _mm256_setzero_ps();  // lanes that met a NaN
-  int64_t i = 0;
-  for (; i + 8 <= V; i += 8) {
-    const __m256 v = _mm256_loadu_ps(row + i);
-    unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    peak = _mm256_max_ps(peak, v);
-  }
-  float best = -std::numeric_limits<float>::infinity();
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, peak);
-  for (float lane : lanes) best = std::max(best, lane);
-  bool nan = _mm256_movemask_ps(unordered) != 0;
-  for (int64_t j = i; j < V; ++j) {
-    nan |= std::isnan(row[j]);
-    best = std::max(best, row[j]);
-  }
-  return {best, nan};
-}
-
 // The index of each row's largest value, the first on ties, as torch.argmax. torch's takes ~1.3 ms on
 // [64, 49152] logits (a greedy batch-64 step's), a lane at a time; here eight lanes compare at once and rows
 // split between threads. A row holding NaN goes to torch.argmax (NaN counts as the largest there).
@@ -193,7 +166,7 @@ at::Tensor argmax_rows(const at::Tensor& x) {
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const float* row = xp + n * V;
-      const auto [best, nan] = row_peak(row, V);
+      const auto [best, nan] = tokenmill::row_peak(row, V);
       if (nan) {
         std::lock_guard<std::mutex> guard(nan_lock);
         nan_rows.push_back(n);
@@ -236,7 +209,7 @@ at::Tensor sample_rows(const at::Tensor& logits, const at::Tensor& temperatures,
       const float* row = lp + n * V;
       const float temperature = tp[n];
       TORCH_CHECK(temperature > 0.f, "sample_rows needs temperatures above zero");
-      const auto [best, nan] = row_peak(row, V);
+      const auto [best, nan] = tokenmill::row_peak(row, V);
       if (nan || !std::isfinite(best)) {
         op[n] = -1;
         continue;

@@ -118,4 +118,31 @@ inline Exps exp_shifted(float* row, int64_t L) {
   return {peak, total};
 }
 
+// A row's largest value, and whether it holds a NaN (which max comparisons skip), eight lanes at a time.
+struct RowPeak {
+  float best;
+  bool nan;
+};
+
+inline RowPeak row_peak(const float* row, int64_t V) {
+  __m256 peak = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256 unordered = _mm256_setzero_ps();  // lanes that met a NaN
+  int64_t i = 0;
+  for (; i + 8 <= V; i += 8) {
+    const __m256 v = _mm256_loadu_ps(row + i);
+    unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    peak = _mm256_max_ps(peak, v);
+  }
+  float best = -std::numeric_limits<float>::infinity();
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, peak);
+  for (float lane : lanes) best = std::max(best, lane);
+  bool nan = _mm256_movemask_ps(unordered) != 0;
+  for (int64_t j = i; j < V; ++j) {
+    nan |= std::isnan(row[j]);
+    best = std::max(best, row[j]);
+  }
+  return {best, nan};
+}
+
 }  // namespace tokenmill

@@ -176,6 +176,14 @@ def verify_draft(
     return accepted + [_sample_from(probs[len(draft)], row.generator)]
 
 
+def argmax_suffices(row: SamplingRow) -> bool:
+    """sample() would take this row's token as the argmax of its raw logits, and return nothing else."""
+    params = row.params
+    return (
+        params.greedy and params.logprobs is None and not params.uses_penalties and not row.banned_token_ids
+    )
+
+
 def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits: [N, V] raw model output, one row per entry of rows. Returns chosen ids and logprobs."""
     wants_logprobs = [r.params.logprobs is not None for r in rows]
