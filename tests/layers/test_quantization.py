@@ -118,6 +118,7 @@ def test_int8_argmax_is_the_argmax_of_the_int8_outputs(rows, outputs):
     layer.use_kernel = False
     assert layer.argmax(x) is None  # the caller then takes the logits
     assert Int8Linear(weight, bias=torch.zeros(outputs)).argmax(x) is None
+    assert Int4Linear(weight).argmax(x) is None  # int4 weights have no such kernel
 
 
 def test_gate_up_pairing_needs_whole_panels():

@@ -189,6 +189,9 @@ class Int8GateUp(Int8Linear):
     def silu_gate_up(self, x: torch.Tensor) -> torch.Tensor:
         return self(x)
 
+    def argmax(self, x: torch.Tensor) -> torch.Tensor | None:
+        return None  # its rows are stored paired, and it returns silu(gate) * up
+
 
 class Int4Linear(_QuantizedLinear):
     """Group-wise asymmetric int4 weights (GGUF Q4_1's format)."""
@@ -206,20 +209,6 @@ class Int4Linear(_QuantizedLinear):
 
     def _round(self, x: torch.Tensor) -> torch.Tensor:
         return round_activations_int8_groups(x)  # at every row count, as the kernel does
-
-    def argmax(self, x: torch.Tensor) -> torch.Tensor | None:
-        """x [rows, K] -> each row's index of its largest output, the first on ties, as self(x).argmax(-1).
-        An LM head's greedy rows need only that: the kernel keeps each chunk of outputs in L2 instead of
-        writing the [rows, vocab] logits and reading them back (12.6 MB at batch 64)."""
-        if not self.use_kernel or self.bias is not None or x.dim() != 2:
-            return None
-        ids = torch.ops.tokenmill.int8_linear_argmax(
-            x.contiguous(), self.quantized.units, self.quantized.scales
-        )
-        left = (ids < 0).nonzero().flatten()  # NaN rows, or none above -inf: as torch.argmax takes them
-        if len(left):
-            ids[left] = self(x[left]).argmax(dim=-1)
-        return ids
 
 
 Linear = DenseLinear | Int8Linear | Int4Linear
