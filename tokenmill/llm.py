@@ -80,7 +80,7 @@ class LLM:
         bar = tqdm(total=len(request_ids), desc="generating", unit="req", disable=not use_tqdm)
         with bar:
             while pending:
-                for output in self.engine.step():
+                for output in self.engine.step(finished_only=True):
                     if output.finished and output.request_id in pending:
                         pending.discard(output.request_id)
                         finished[output.request_id] = output

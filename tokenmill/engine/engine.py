@@ -215,8 +215,10 @@ class LLMEngine:
         return bool(self.requests)
 
     # ---- one iteration -----------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        """Schedule, run the model once, sample, and report every request that moved."""
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
+        """Schedule, run the model once, sample, and report every request that moved (finished_only: only
+        those that finished, for callers that do not stream: building the others' outputs, their text
+        included, was ~1.5% of a 64-request batch)."""
         phases = self.stats.phase_seconds
         started = time.perf_counter()
         if self.proposer is not None:
@@ -280,7 +282,11 @@ class LLMEngine:
             if not seq.is_finished:
                 self.block_manager.cache_full_blocks(seq)
             touched.setdefault(seq.request_id, []).append(seq.index)
-        outputs = [self._output(self.requests[rid], counts) for rid, counts in touched.items()]
+        outputs = [
+            self._output(self.requests[rid], counts)
+            for rid, counts in touched.items()
+            if not finished_only or self.requests[rid].finished
+        ]
         phases["postprocess"] += time.perf_counter() - postprocessing
         return outputs
 
@@ -350,7 +356,8 @@ class LLMEngine:
             seq.logprobs.append(logprob)
         if seq.first_token_time is None:
             seq.first_token_time = now
-        new_text = request.detokenizers[seq.seq_id].step(seq.output_token_ids)
+        # Text per token only where stop strings need it; otherwise when an output is built (_output).
+        new_text = request.detokenizers[seq.seq_id].step(seq.output_token_ids) if seq.params.stop else ""
         append_text_and_check_stop(seq, new_text, self.eos_token_ids, self.max_model_len)
         if seq.finish_reason is not None:
             seq.finished_time = now
@@ -370,6 +377,8 @@ class LLMEngine:
                 outputs.append(CompletionOutput(index, "", []))
                 counts.append(0)
                 continue
+            if not seq.params.stop:  # the text of the tokens since the last output
+                seq.output_text += request.detokenizers[seq.seq_id].step(seq.output_token_ids)
             logprobs = seq.logprobs if request.params.logprobs is not None else None
             outputs.append(
                 CompletionOutput(index, seq.output_text, seq.output_token_ids, seq.finish_reason, logprobs)
