@@ -11,8 +11,8 @@
 // Shape of the work, by the number of input rows M:
 // - int8 and int4, any M: integer tiles on panels of 16 (int8) or 8 (int4) output rows, stored that way at
 //   load (int8_tile, int4_tile): each output one int32 lane, the weights meeting activations rounded to int8
-//   (one scale per 32) in vpdpbusd (vpmaddubsw without VNNI). One row is memory-bound, many compute-bound; the same code serves
-//   both, and a sequence's outputs do not depend on how many rows share its batch.
+//   (one scale per 32) in vpdpbusd (vpmaddubsw without VNNI). One row is memory-bound, many compute-bound;
+//   the same code serves both, and a sequence's outputs do not depend on how many rows share its batch.
 // - fp32, up to kFp32OuterMinRows: memory-bound. Dot products along K, four output rows and up to three
 //   input rows at a time.
 // - fp32, more rows: compute-bound, so the multiply units set the pace and every output must stay in a
@@ -737,12 +737,13 @@ inline void int8_rows(const uint8_t* panel, int64_t blocks, const Int8Blocks& x,
 // Panels begin .. end - 1 of y = x W^T, every row: one or two rows take a panel at a time (one sequential
 // stream), more meet each panel while it sits in L1. Panel p's outputs go to columns p * 16 - col0 of y,
 // whose rows are ldy apart.
-// stream_end: where the thread's run of panels ends (its later tiles prefetch the panels after `end` up to it).
-// Always inlined: called from two places, GCC otherwise kept it out of line and the 4 x 32 tiles with it, a
-// call per tile (int8 matmuls ~4% slower).
-__attribute__((always_inline)) inline void int8_panels(const uint8_t* units, const float* scales, const Int8Blocks& x, int64_t M, int64_t N,
-                        int64_t K, int64_t begin, int64_t end, float* y, int64_t ldy, int64_t col0,
-                        int64_t stream_end) {
+// stream_end: where the thread's run of panels ends (its later tiles prefetch the panels after `end` up to
+// it). Always inlined: called from two places, GCC otherwise kept it out of line and the 4 x 32 tiles with
+// it, a call per tile (int8 matmuls ~4% slower).
+__attribute__((always_inline)) inline void int8_panels(const uint8_t* units, const float* scales,
+                                                       const Int8Blocks& x, int64_t M, int64_t N, int64_t K,
+                                                       int64_t begin, int64_t end, float* y, int64_t ldy,
+                                                       int64_t col0, int64_t stream_end) {
   const int64_t blocks = K / 32;
 #ifdef __AVX512VNNI__
   if (M == 1) return int8_row(units, blocks, x, scales, N, begin, end, y, col0);

@@ -184,9 +184,10 @@ at::Tensor argmax_rows(const at::Tensor& x) {
 // Plain temperature sampling by inverse CDF, one row per (logits row, temperature, uniform): the first token
 // whose running sum of exp(l / T - max(l / T)) passes u times the row's total, as sampler.py's softmax,
 // cumsum and searchsorted do, without their three [N, V] tensors (sample() at batch 64 x 49,152, argmax and
-// uniforms included: 9.5 -> 1.6 ms a step; most of the old cost was fresh pages and single-lane passes). The sums run in another order than torch's
-// cumsum, so a u within rounding of a boundary may pick the neighbour: the same distribution, not always the
-// same token. A row with NaN or no finite logit gets -1: the caller takes it through the PyTorch path.
+// uniforms included: 9.5 -> 1.6 ms a step; most of the old cost was fresh pages and single-lane passes). The
+// sums run in another order than torch's cumsum, so a u within rounding of a boundary may pick the
+// neighbour: the same distribution, not always the same token. A row with NaN or no finite logit gets -1:
+// the caller takes it through the PyTorch path.
 constexpr int64_t kSampleBlock = 256;  // values per partial sum: the walk to u skips whole blocks
 
 at::Tensor sample_rows(const at::Tensor& logits, const at::Tensor& temperatures, const at::Tensor& uniforms) {
