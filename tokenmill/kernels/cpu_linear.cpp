@@ -905,11 +905,14 @@ at::Tensor int8_linear_argmax(const at::Tensor& x_in, const at::Tensor& units, c
         const float* row = chunk + m * ld;
         const auto [best, nan] = tokenmill::row_peak(row, cols);
         unordered[t * M + m] |= nan;
-        if (nan || !(best > peaks[t * M + m])) continue;  // an earlier chunk's equal value stays first
+        if (nan || best < peaks[t * M + m]) continue;
         int64_t index = 0;
         while (row[index] != best) ++index;
-        peaks[t * M + m] = best;
-        where[t * M + m] = col0 + index;
+        const int64_t at = col0 + index;
+        if (best > peaks[t * M + m] || (where[t * M + m] >= 0 && at < where[t * M + m])) {  // ties: the first
+          peaks[t * M + m] = best;
+          where[t * M + m] = at;
+        }
       }
     }
   });
