@@ -879,6 +879,18 @@ at::Tensor int8_silu_gate_up(const at::Tensor& x_in, const at::Tensor& units, co
 // with a NaN or no value above -inf gets -1, for the caller to take through the logits.
 constexpr int64_t kArgmaxPanels = 32;  // panels per chunk: [64, 512] fp32 is 128 KB
 
+// A row's largest value so far and its index (-1: none above -inf yet); on ties the first index stays.
+struct BestOutput {
+  float value = -std::numeric_limits<float>::infinity();
+  int64_t index = -1;
+  void offer(float v, int64_t at) {
+    if (v > value || (v == value && index >= 0 && at < index)) {
+      value = v;
+      index = at;
+    }
+  }
+};
+
 at::Tensor int8_linear_argmax(const at::Tensor& x_in, const at::Tensor& units, const at::Tensor& scales) {
   check_int8_weights(units, scales, false);
   const int64_t K = units.size(1) * 32;
@@ -890,8 +902,7 @@ at::Tensor int8_linear_argmax(const at::Tensor& x_in, const at::Tensor& units, c
   const uint8_t* up = units.data_ptr<uint8_t>();
   const float* sp = scales.data_ptr<float>();
   const int64_t threads = at::get_num_threads(), ld = kArgmaxPanels * kInt8Panel;
-  std::vector<float> peaks(threads * M, -std::numeric_limits<float>::infinity());
-  std::vector<int64_t> where(threads * M, -1);
+  std::vector<BestOutput> found(threads * M);  // per thread and row
   std::vector<uint8_t> unordered(threads * M, 0);
   at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
     const int64_t t = at::get_thread_num();
@@ -905,31 +916,22 @@ at::Tensor int8_linear_argmax(const at::Tensor& x_in, const at::Tensor& units, c
         const float* row = chunk + m * ld;
         const auto [best, nan] = tokenmill::row_peak(row, cols);
         unordered[t * M + m] |= nan;
-        if (nan || best < peaks[t * M + m]) continue;
+        if (nan || best < found[t * M + m].value) continue;
         int64_t index = 0;
         while (row[index] != best) ++index;
-        const int64_t at = col0 + index;
-        if (best > peaks[t * M + m] || (where[t * M + m] >= 0 && at < where[t * M + m])) {  // ties: the first
-          peaks[t * M + m] = best;
-          where[t * M + m] = at;
-        }
+        found[t * M + m].offer(best, col0 + index);
       }
     }
   });
   int64_t* op = out.data_ptr<int64_t>();
   for (int64_t m = 0; m < M; ++m) {
-    float best = -std::numeric_limits<float>::infinity();
-    int64_t index = -1;
+    BestOutput best;
     bool nan = false;
     for (int64_t t = 0; t < threads; ++t) {
       nan |= unordered[t * M + m] != 0;
-      const int64_t at = where[t * M + m];
-      if (at >= 0 && (peaks[t * M + m] > best || (peaks[t * M + m] == best && at < index))) {
-        best = peaks[t * M + m];
-        index = at;
-      }
+      if (found[t * M + m].index >= 0) best.offer(found[t * M + m].value, found[t * M + m].index);
     }
-    op[m] = nan ? -1 : index;
+    op[m] = nan ? -1 : best.index;
   }
   return out;
 }
