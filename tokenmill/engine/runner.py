@@ -217,7 +217,7 @@ class ModelRunner:
             hidden = self.model.forward(input_ids, positions, ctx, self.kv_cache)
             self.last_hidden, self.last_ranges = hidden, ranges
             sampled = _rows(hidden, picked)
-        elif picked == list(range(len(input_ids))):
+        elif _every_row(picked, len(input_ids)):
             sampled = self.model.forward(input_ids, positions, ctx, self.kv_cache)
         else:
             sampled = self.model.forward(
@@ -284,9 +284,12 @@ def _is_verification(entry: ScheduledSequence) -> bool:
     return drafts > 0 and seq.num_computed_tokens == seq.num_tokens - 1 and entry.num_new_tokens == drafts + 1
 
 
+def _every_row(picked: list[int], count: int) -> bool:
+    """picked is rows 0 .. count - 1 in order (an all-decode step)."""
+    return len(picked) == count and picked == list(range(count))
+
+
 def _rows(x: torch.Tensor, picked: list[int]) -> torch.Tensor:
-    """x[picked]; when that is every row in order (an all-decode step) x itself: at batch 64 the copy of
-    the logits alone was 12.6 MB per step."""
-    if len(picked) == x.shape[0] and picked == list(range(x.shape[0])):
-        return x
-    return x[torch.tensor(picked)]
+    """x[picked]; when that is every row in order x itself: at batch 64 the copy of the logits alone was
+    12.6 MB per step."""
+    return x if _every_row(picked, x.shape[0]) else x[torch.tensor(picked)]
