@@ -17,8 +17,15 @@ from tokenmill.config import EngineConfig
 from tokenmill.errors import InvalidParameterError
 from tokenmill.kernels import kernel_isa, kernels_available
 from tokenmill.layers.attention import quantize_kv
-from tokenmill.layers.linear import DenseLinear, Int4Linear, Int8GateUp, Int8Linear, make_gate_up
-from tokenmill.layers.norm import silu_mul
+from tokenmill.layers.linear import (
+    DenseLinear,
+    Int4Linear,
+    Int8GateUp,
+    Int8Linear,
+    make_gate_up,
+    residual_mlp,
+)
+from tokenmill.layers.norm import add_rms_norm, silu_mul
 from tokenmill.layers.quantization import (
     dequantize_int4,
     dequantize_int8,
@@ -121,6 +128,36 @@ def test_int8_argmax_is_the_argmax_of_the_int8_outputs(rows, outputs):
     assert Int4Linear(weight).argmax(x) is None  # int4 weights have no such kernel
 
 
+@pytest.mark.parametrize("rows", (1, 2, 3, 5, 17, 64, 300))
+@pytest.mark.parametrize("hidden_size, inner", [(64, 32), (96, 96), (160, 1536)])  # 1, 3, 48 blocks of 32
+def test_int8_mlp_kernel_is_add_norm_gate_up_and_down_bit_for_bit(rows, hidden_size, inner):
+    """int8_mlp_ rounds the normed rows and silu(gate) * up to int8 in cache (sixteen rows at a time, the
+    rest one by one): the residual and the MLP's output must equal the three separate kernels' to the bit."""
+    torch.manual_seed(rows + inner)
+    gate_up = Int8GateUp(torch.randn(2 * inner, hidden_size) * 0.05)
+    down = Int8Linear(torch.randn(hidden_size, inner) * 0.05)
+    norm, hidden, delta = (
+        torch.rand(hidden_size) + 0.5,
+        torch.randn(rows, hidden_size),
+        torch.randn(rows, hidden_size),
+    )
+    summed, x = add_rms_norm(hidden.clone(), delta, norm, 1e-5)
+    fused_hidden, out = residual_mlp(hidden.clone(), delta, norm, 1e-5, gate_up, down)
+    assert torch.equal(fused_hidden, summed)
+    assert torch.equal(out, down(gate_up.silu_gate_up(x)))
+    with pytest.raises(RuntimeError, match="contiguous fp32"):
+        torch.ops.tokenmill.int8_mlp_(
+            hidden[:, :-32].clone(),
+            delta[:, :-32].clone(),
+            norm[:-32].clone(),
+            1e-5,
+            gate_up.quantized.units,
+            gate_up.quantized.scales,
+            down.quantized.units,
+            down.quantized.scales,
+        )
+
+
 def test_gate_up_pairing_needs_whole_panels():
     assert pair_gate_up_rows(64).tolist()[:34] == [*range(16), *range(32, 48), 16, 17]
     with pytest.raises(ValueError, match="multiple of 16"):
@@ -140,6 +177,12 @@ def _kernel_outputs(path: str) -> None:
         )
         for layer in layers:
             outputs += [layer(torch.randn(rows, shape[1])) for rows in (1, 2, 3, 64, 300)]
+    # The fused MLP: its in-cache rounding of sixteen rows at a time against the AVX2 build's one at a time.
+    torch.manual_seed(7)
+    gate_up, down = Int8GateUp(torch.randn(192, 96) * 0.05), Int8Linear(torch.randn(96, 96) * 0.05)
+    for rows in (1, 17, 300):
+        hidden = torch.randn(rows, 96)
+        outputs += [*residual_mlp(hidden, torch.randn(rows, 96), torch.rand(96) + 0.5, 1e-5, gate_up, down)]
     # Prefill attention: the VNNI build's 512-bit tiles sum in the 256-bit tiles' order (head sizes with and
     # without a 16- and 64-column remainder).
     for heads, kv_heads, dim in [(9, 3, 64), (4, 2, 40)]:
@@ -187,7 +230,7 @@ def test_the_avx2_build_gives_the_vnni_builds_numbers_bit_for_bit(tmp_path):
     subprocess.run([sys.executable, "-c", script], env=env, cwd=root, check=True, timeout=600)
     _kernel_outputs(str(tmp_path / "vnni"))
     avx2, vnni = torch.load(tmp_path / "avx2"), torch.load(tmp_path / "vnni")
-    assert len(avx2) == len(vnni) == 49
+    assert len(avx2) == len(vnni) == 55
     for a, b in zip(avx2, vnni, strict=True):
         assert torch.equal(a, b)
 

@@ -66,6 +66,9 @@ class DecodeStack : public torch::CustomClassHolder {
 
   void add_layer(at::Tensor input_norm, at::Tensor post_norm) {
     TORCH_CHECK(pending_.size() == 4, "add_layer needs the layer's four linears first");
+    for (const at::Tensor* norm : {&input_norm, &post_norm})
+      TORCH_CHECK(norm->scalar_type() == at::kFloat && norm->is_contiguous() && norm->dim() == 1,
+                  "norm weights must be contiguous fp32 [H]");
     for (size_t i = 0; i < 4; ++i)
       TORCH_CHECK(pending_[i].format != Format::kInt8GateUp || i == 2, "only gate_up may be int8 gate|up");
     layers_.push_back({input_norm, post_norm, pending_[0], pending_[1], pending_[2], pending_[3]});
@@ -79,8 +82,9 @@ class DecodeStack : public torch::CustomClassHolder {
                  at::Tensor block_tables, at::Tensor lengths, int64_t block_size, at::Tensor cos, at::Tensor sin,
                  at::Tensor final_norm, at::Tensor slot_copies) {
     const int64_t T = hidden.size(0), q_size = heads_ * head_dim_, kv_size = kv_heads_ * head_dim_;
-    TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2 && x.size(0) == T,
-                "x must be contiguous fp32 [T, H]");
+    TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2 && x.size(0) == T &&
+                    hidden.scalar_type() == at::kFloat && hidden.is_contiguous() && hidden.sizes() == x.sizes(),
+                "hidden and x must be contiguous fp32 [T, H]");
     const at::ScalarType dtype = kv_cache.scalar_type();
     TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.is_contiguous() && kv_cache.size(0) == (int64_t)layers_.size() &&
                     kv_cache.size(1) == 2 && kv_cache.size(3) == kv_heads_ &&
@@ -108,11 +112,22 @@ class DecodeStack : public torch::CustomClassHolder {
     const int64_t slot_bytes = kv_heads_ * kv_cache.size(4) * kv_cache.element_size();  // one slot's K (or V)
     const int64_t layer_bytes = 2 * slots * slot_bytes;
     char* cache_base = static_cast<char*>(kv_cache.data_ptr());
+    float* residual = hidden.data_ptr<float>();
+    // With int8 weights the residual add and RMSNorm before a matmul run fused with it (int8_linear_norm_into,
+    // int8_mlp_into): `pending` is the last MLP's output, added when the next layer's QKV projection runs.
+    at::Tensor pending;
     for (size_t index = 0; index < layers_.size(); ++index) {
       const Layer& layer = layers_[index];
       // Rows of the fused projection are [q | k | v]; rotary, the cache writes and attention work on them in
       // place, through pointers: tensor views cost about a microsecond each, a few per layer.
-      at::Tensor qkv = linear(x, layer.qkv, kQkv);
+      at::Tensor qkv;
+      if (pending.defined()) {
+        tokenmill::int8_linear_norm_into(residual, pending.data_ptr<float>(), layer.input_norm.data_ptr<float>(),
+                                         eps_, T, layer.qkv.a, layer.qkv.b,
+                                         output(kQkv, T, layer.qkv.b.numel(), qkv));
+      } else {
+        qkv = linear(x, layer.qkv, kQkv);
+      }
       float* rows = qkv.data_ptr<float>();
       const int64_t stride = qkv.stride(0);
       tokenmill::rotate_rows(rows, T, stride, heads_, head_dim_, head_dim_, cos_rows, sin_rows);
@@ -125,10 +140,23 @@ class DecodeStack : public torch::CustomClassHolder {
       at::Tensor attended = tokenmill::paged_decode_attention_rows(rows, stride, head_dim_, T, heads_, head_dim_,
                                                                    keys, values, dtype, slots, kv_heads_,
                                                                    block_tables, lengths, block_size, scale_);
-      x = tokenmill::add_rms_norm_(hidden, linear(attended, layer.o_proj, kOut), layer.post_norm, eps_);
-      const at::Tensor& next_norm = index + 1 < layers_.size() ? layers_[index + 1].input_norm : final_norm;
-      at::Tensor mlp = linear(gated(x, layer.gate_up), layer.down, kDown);
-      x = tokenmill::add_rms_norm_(hidden, mlp, next_norm, eps_);
+      const at::Tensor out = linear(attended, layer.o_proj, kOut);
+      at::Tensor mlp;
+      if (fused_mlp(layer)) {
+        tokenmill::int8_mlp_into(residual, out.data_ptr<float>(), layer.post_norm.data_ptr<float>(), eps_, T,
+                                 layer.gate_up.a, layer.gate_up.b, layer.down.a, layer.down.b,
+                                 output(kDown, T, layer.down.b.numel(), mlp));
+      } else {
+        x = tokenmill::add_rms_norm_(hidden, out, layer.post_norm, eps_);
+        mlp = linear(gated(x, layer.gate_up), layer.down, kDown);
+      }
+      if (index + 1 < layers_.size() && fused_qkv(layers_[index + 1])) {
+        pending = mlp;
+      } else {
+        x = tokenmill::add_rms_norm_(hidden, mlp, index + 1 < layers_.size() ? layers_[index + 1].input_norm
+                                                                                : final_norm, eps_);
+        pending = at::Tensor();
+      }
     }
     return x;
   }
@@ -149,6 +177,11 @@ class DecodeStack : public torch::CustomClassHolder {
       buffer = at::empty({T, width}, at::TensorOptions().dtype(at::kFloat));
     y = buffer;
     return buffer.data_ptr<float>();
+  }
+
+  static bool fused_qkv(const Layer& layer) { return layer.qkv.format == Format::kInt8 && !layer.qkv.bias; }
+  static bool fused_mlp(const Layer& layer) {
+    return layer.gate_up.format == Format::kInt8GateUp && layer.down.format == Format::kInt8 && !layer.down.bias;
   }
 
   // silu(gate) * up of a gate|up projection.

@@ -305,9 +305,10 @@ inline __m512 largest16(const float* x) {
 
 // round_block_int8 on sixteen blocks at once, to the same bytes, scales and sums (largest: largest16(x)): the
 // maxima and integer sums are exact in any order, the divisions correctly rounded in vectors as in scalars,
-// and vpmovdb writes the bytes in order (every value is within +-127).
-inline void round_blocks16(const float* x, __m512 largest, int8_t* q, float* scales, float* offsets,
-                           int32_t* starts) {
+// and vpmovdb writes the bytes in order (every value is within +-127). Block i's bytes go to q + i * q_stride,
+// its scale, offset and start to index i * stride of the arrays.
+inline void round_blocks16(const float* x, __m512 largest, int8_t* q, int64_t q_stride, float* scales,
+                           float* offsets, int32_t* starts, int64_t stride) {
   alignas(64) float inverse[16];
   _mm512_store_ps(inverse, _mm512_maskz_div_ps(_mm512_cmp_ps_mask(largest, _mm512_setzero_ps(), _CMP_GT_OQ),
                                                _mm512_set1_ps(127.f), largest));
@@ -316,17 +317,27 @@ inline void round_blocks16(const float* x, __m512 largest, int8_t* q, float* sca
     const __m512 times = _mm512_set1_ps(inverse[i]);
     const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + 32 * i), times));
     const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + 32 * i + 16), times));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 32 * i), _mm512_cvtepi32_epi8(q0));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 32 * i + 16), _mm512_cvtepi32_epi8(q1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + q_stride * i), _mm512_cvtepi32_epi8(q0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + q_stride * i + 16), _mm512_cvtepi32_epi8(q1));
     v[i] = _mm512_castsi512_ps(_mm512_add_epi32(q0, q1));
   }
   const __m512i sums = _mm512_castps_si512(reduce16(v, [](__m512 a, __m512 b) {
     return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(a), _mm512_castps_si512(b)));
   }));
   const __m512 scale = _mm512_div_ps(largest, _mm512_set1_ps(127.f));
-  _mm512_storeu_ps(scales, scale);
-  _mm512_storeu_ps(offsets, _mm512_mul_ps(scale, _mm512_cvtepi32_ps(sums)));
-  _mm512_storeu_si512(starts, _mm512_mullo_epi32(sums, _mm512_set1_epi32(-128)));
+  const __m512 offset = _mm512_mul_ps(scale, _mm512_cvtepi32_ps(sums));
+  const __m512i start = _mm512_mullo_epi32(sums, _mm512_set1_epi32(-128));
+  if (stride == 1) {
+    _mm512_storeu_ps(scales, scale);
+    _mm512_storeu_ps(offsets, offset);
+    _mm512_storeu_si512(starts, start);
+  } else {
+    const __m512i at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32(static_cast<int32_t>(stride)));
+    _mm512_i32scatter_ps(scales, at, scale, 4);
+    _mm512_i32scatter_ps(offsets, at, offset, 4);
+    _mm512_i32scatter_epi32(starts, at, start, 4);
+  }
 }
 #endif
 
@@ -336,7 +347,7 @@ inline void round_blocks16(const float* x, __m512 largest, int8_t* q, float* sca
 // reductions), two threads, best of five: [64, 576] 7.6 -> 4.9 us, [64, 1,536] 18.3 -> 10.5, [1,024, 576]
 // 106 -> 47, [1,024, 1,536] 276 -> 180; the engine's 64 x (128 -> 128) batch 7.94 -> 7.79 s (medians of six
 // alternated runs, two processes).
-inline Int8Blocks quantize_blocks_int8(const float* x, int64_t M, int64_t K) {
+inline Int8Blocks int8_blocks(int64_t M, int64_t K) {
   static_assert(sizeof(float) == 4 && sizeof(int32_t) == 4);
   const int64_t blocks = M * K / 32;
   Int8Blocks rows;
@@ -347,29 +358,58 @@ inline Int8Blocks quantize_blocks_int8(const float* x, int64_t M, int64_t K) {
   rows.scale = reinterpret_cast<float*>(words + M * K / 4);
   rows.offset = reinterpret_cast<float*>(words + M * K / 4 + blocks);
   rows.start = words + M * K / 4 + 2 * blocks;
+  return rows;
+}
+
+// Blocks first .. last - 1 of rows (counted across rows, as the arrays index them), from x: block b's 32
+// values at x + 32 * (b - first).
+inline void round_blocks(const float* x, int64_t first, int64_t last, const Int8Blocks& rows) {
   int8_t* q = rows.q;
   float *scales = rows.scale, *offsets = rows.offset;
   int32_t* starts = rows.start;
-  const int64_t count = M * K / 32;  // blocks, in order across rows: each array is indexed by block
-  at::parallel_for(0, (count + 15) / 16, 4, [&](int64_t begin, int64_t end) {
-    int64_t b = 16 * begin;
+  x -= 32 * first;
+  int64_t b = first;
 #ifdef __AVX512F__
-    // The next sixteen blocks' maxima before this sixteen's rounding: the two chains (loads, reduction,
-    // division) overlap.
-    const int64_t whole = b + (std::min(count, 16 * end) - b) / 16 * 16;
-    __m512 largest = b < whole ? largest16(x + 32 * b) : _mm512_setzero_ps();
-    for (; b < whole; b += 16) {
-      const __m512 next = b + 16 < whole ? largest16(x + 32 * (b + 16)) : largest;
-      round_blocks16(x + 32 * b, largest, q + 32 * b, scales + b, offsets + b, starts + b);
-      largest = next;
-    }
+  // The next sixteen blocks' maxima before this sixteen's rounding: the two chains (loads, reduction,
+  // division) overlap.
+  const int64_t whole = b + (last - b) / 16 * 16;
+  __m512 largest = b < whole ? largest16(x + 32 * b) : _mm512_setzero_ps();
+  for (; b < whole; b += 16) {
+    const __m512 next = b + 16 < whole ? largest16(x + 32 * (b + 16)) : largest;
+    round_blocks16(x + 32 * b, largest, q + 32 * b, 32, scales + b, offsets + b, starts + b, 1);
+    largest = next;
+  }
 #endif
-    for (; b < std::min(count, 16 * end); ++b) {
-      const Int8Block block = round_block_int8(x + 32 * b);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 32 * b), block.bytes);
-      scales[b] = block.scale;
-      offsets[b] = block.scale * block.sum;
-      starts[b] = -128 * static_cast<int32_t>(block.sum);
+  for (; b < last; ++b) {
+    const Int8Block block = round_block_int8(x + 32 * b);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 32 * b), block.bytes);
+    scales[b] = block.scale;
+    offsets[b] = block.scale * block.sum;
+    starts[b] = -128 * static_cast<int32_t>(block.sum);
+  }
+}
+
+inline Int8Blocks quantize_blocks_int8(const float* x, int64_t M, int64_t K) {
+  Int8Blocks rows = int8_blocks(M, K);
+  const int64_t count = M * K / 32;  // blocks, in order across rows
+  at::parallel_for(0, (count + 15) / 16, 4, [&](int64_t begin, int64_t end) {
+    round_blocks(x + 32 * 16 * begin, 16 * begin, std::min(count, 16 * end), rows);
+  });
+  return rows;
+}
+
+// hidden += delta, then RMSNorm(hidden) * weight rounded as quantize_blocks_int8 rounds add_rms_norm_'s output,
+// to the same bytes: each row is normed and rounded while it sits in L1, in one parallel region where there
+// were two passes over memory and two regions.
+inline Int8Blocks norm_blocks_int8(float* hidden, const float* delta, const float* weight, double eps, int64_t M,
+                                   int64_t K) {
+  Int8Blocks rows = int8_blocks(M, K);
+  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<int32_t> scratch;
+    float* normed = reinterpret_cast<float*>(aligned_scratch(scratch, K));
+    for (int64_t m = begin; m < end; ++m) {
+      tokenmill::add_normalise_row(hidden + m * K, delta + m * K, weight, normed, K, eps);
+      round_blocks(normed, m * K / 32, (m + 1) * K / 32, rows);
     }
   });
   return rows;
@@ -890,6 +930,75 @@ inline void int8_gated_tiles(const uint8_t* units, const float* scales, const In
   });
 }
 
+// int8_gated_tiles for a consumer that rounds silu(gate) * up to int8 per 32 anyway (the down projection):
+// two pairs of panels give 32 columns, one block of every row, rounded while they sit in cache instead of
+// written [M, I] fp32 and read back by quantize_blocks_int8. The same tiles, SiLU and rounding, so the same
+// blocks bit for bit.
+inline Int8Blocks int8_gated_blocks(const uint8_t* units, const float* scales, const Int8Blocks& x, int64_t M,
+                                    int64_t I, int64_t K) {
+  const int64_t blocks = K / 32, pair = 2 * kInt8Panel, width = I / 32;  // width: blocks per output row
+  Int8Blocks out = int8_blocks(M, I);
+  at::parallel_for(0, width, 1, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<int32_t> scratch;
+    float* rows = reinterpret_cast<float*>(aligned_scratch(scratch, M * 2 * pair + 16 * 32));  // [M, 64]
+    float* product = rows + M * 2 * pair;  // [16, 32]: silu(gate) * up of sixteen rows' block
+    for (int64_t m0 = 0; m0 < M; m0 += kInt4RowChunk) {
+      const int64_t m1 = std::min(M, m0 + kInt4RowChunk);
+      for (int64_t c = begin; c < end; ++c) {
+        for (int64_t half = 0; half < 2; ++half) {  // pairs 2c and 2c + 1: columns 32c .. 32c + 31
+          const int64_t p = 2 * c + half;
+          const uint8_t* panels = units + 2 * p * blocks * kInt8Unit;
+          const float* pair_scales = scales + p * pair;
+          float* y = rows + half * pair;
+#ifdef __AVX512VNNI__
+          if (M == 1) {
+            int8_row(panels, blocks, x, pair_scales, pair, 0, 2, y);
+            continue;
+          }
+#endif
+          if (kInt8Panels > 1 && M > 2) {
+            const uint8_t* next = p + 1 < 2 * end ? panels + 2 * blocks * kInt8Unit : nullptr;
+            int8_rows<kInt8Panels>(panels, blocks, x, m0, m1, pair_scales, y, 2 * pair, 0, kInt8Panel, next,
+                                   2 * blocks * kInt8Unit);
+          } else {
+            int8_rows<1>(panels, blocks, x, m0, m1, pair_scales, y, 2 * pair, 0, kInt8Panel);
+            int8_rows<1>(panels + blocks * kInt8Unit, blocks, x, m0, m1, pair_scales + kInt8Panel, y, 2 * pair,
+                         kInt8Panel, kInt8Panel);
+          }
+        }
+        for (int64_t m = m0; m < m1; m += 16) {
+          const int64_t n = std::min<int64_t>(16, m1 - m);
+          for (int64_t r = 0; r < n; ++r) {
+            const float* gate_up = rows + (m + r) * 2 * pair;
+            UNROLL for (int64_t h = 0; h < 32; h += 8) {
+              const float* g = gate_up + (h / kInt8Panel) * pair + h % kInt8Panel;
+              _mm256_storeu_ps(product + 32 * r + h,
+                               tokenmill::silu_mul8(_mm256_loadu_ps(g), _mm256_loadu_ps(g + kInt8Panel)));
+            }
+          }
+          const int64_t first = m * width + c;  // block (m, c)
+#ifdef __AVX512F__
+          if (n == 16) {
+            round_blocks16(product, largest16(product), out.q + 32 * first, I, out.scale + first,
+                           out.offset + first, out.start + first, width);
+            continue;
+          }
+#endif
+          for (int64_t r = 0; r < n; ++r) {
+            const int64_t b = first + r * width;
+            const Int8Block block = round_block_int8(product + 32 * r);
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.q + 32 * b), block.bytes);
+            out.scale[b] = block.scale;
+            out.offset[b] = block.scale * block.sum;
+            out.start[b] = -128 * static_cast<int32_t>(block.sum);
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
 // quantization.py's Int8Weight.units as the tiles read them.
 void check_int8_units(const at::Tensor& units) {
   TORCH_CHECK(units.scalar_type() == at::kByte && units.is_contiguous() && units.dim() == 3 &&
@@ -921,6 +1030,47 @@ void int8_silu_gate_up_into(const float* x, int64_t M, const at::Tensor& units, 
   const int64_t K = units.size(1) * 32;
   if (M > 0) int8_gated_tiles(units.data_ptr<uint8_t>(), scales.data_ptr<float>(), quantize_blocks_int8(x, M, K),
                               M, scales.numel() / 2, K, y);
+}
+
+void int8_linear_norm_into(float* hidden, const float* delta, const float* weight, double eps, int64_t M,
+                           const at::Tensor& units, const at::Tensor& scales, float* y) {
+  const int64_t K = units.size(1) * 32;
+  if (M > 0) int8_tiles(units.data_ptr<uint8_t>(), scales.data_ptr<float>(),
+                        norm_blocks_int8(hidden, delta, weight, eps, M, K), M, scales.numel(), K, y);
+}
+
+void int8_mlp_into(float* hidden, const float* delta, const float* weight, double eps, int64_t M,
+                   const at::Tensor& gate_up_units, const at::Tensor& gate_up_scales, const at::Tensor& down_units,
+                   const at::Tensor& down_scales, float* y) {
+  const int64_t K = gate_up_units.size(1) * 32, I = gate_up_scales.numel() / 2;
+  if (M == 0) return;
+  const Int8Blocks x = norm_blocks_int8(hidden, delta, weight, eps, M, K);
+  int8_tiles(down_units.data_ptr<uint8_t>(), down_scales.data_ptr<float>(),
+             int8_gated_blocks(gate_up_units.data_ptr<uint8_t>(), gate_up_scales.data_ptr<float>(), x, M, I, K), M,
+             down_scales.numel(), I, y);
+}
+
+// hidden [M, H] += delta; returns down(silu(gate) * up) of RMSNorm(hidden) * weight: what add_rms_norm_,
+// int8_silu_gate_up and int8_linear return in turn, bit for bit, with the normed rows and the [M, I] product
+// rounded to int8 in cache instead of going through memory. gate_up_*: an Int8GateUp's weights, down_*: an
+// Int8Linear's ([H, I]).
+at::Tensor int8_mlp_(at::Tensor hidden, const at::Tensor& delta, const at::Tensor& weight, double eps,
+                     const at::Tensor& gate_up_units, const at::Tensor& gate_up_scales, const at::Tensor& down_units,
+                     const at::Tensor& down_scales) {
+  check_int8_weights(gate_up_units, gate_up_scales, true);
+  check_int8_weights(down_units, down_scales, false);
+  const int64_t H = gate_up_units.size(1) * 32, I = gate_up_scales.numel() / 2;
+  TORCH_CHECK(hidden.scalar_type() == at::kFloat && delta.scalar_type() == at::kFloat &&
+                  weight.scalar_type() == at::kFloat && hidden.dim() == 2 && hidden.is_contiguous() &&
+                  delta.is_contiguous() && delta.sizes() == hidden.sizes() && hidden.size(1) == H &&
+                  weight.is_contiguous() && weight.numel() == H,
+              "hidden and delta must be contiguous fp32 [M, H], weight [H], H the gate|up's inputs");
+  TORCH_CHECK(I % 32 == 0 && down_units.size(1) * 32 == I && down_scales.numel() == H,
+              "down must map the gate|up's I outputs (a multiple of 32) back to H");
+  at::Tensor y = at::empty({hidden.size(0), H}, hidden.options());
+  int8_mlp_into(hidden.data_ptr<float>(), delta.data_ptr<float>(), weight.data_ptr<float>(), eps,
+                hidden.size(0), gate_up_units, gate_up_scales, down_units, down_scales, y.data_ptr<float>());
+  return y;
 }
 
 // units: quantization.py's Int8Weight.units, uint8 [ceil(N / 16), K / 32, 512]; scales: fp32 [N].
@@ -1058,6 +1208,9 @@ at::Tensor fp32_linear(const at::Tensor& x_in, const at::Tensor& weight) {
 TORCH_LIBRARY(tokenmill, m) {
   m.def("int8_linear(Tensor x, Tensor units, Tensor scales) -> Tensor");
   m.def("int8_silu_gate_up(Tensor x, Tensor units, Tensor scales) -> Tensor");
+  m.def(
+      "int8_mlp_(Tensor(a!) hidden, Tensor delta, Tensor weight, float eps, Tensor gate_up_units, "
+      "Tensor gate_up_scales, Tensor down_units, Tensor down_scales) -> Tensor");
   m.def("int8_linear_argmax(Tensor x, Tensor units, Tensor scales) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor blocks, int rows) -> Tensor");
   m.def("fp32_linear(Tensor x, Tensor weight) -> Tensor");
@@ -1066,6 +1219,7 @@ TORCH_LIBRARY(tokenmill, m) {
 TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
   m.impl("int8_linear", &tokenmill::int8_linear);
   m.impl("int8_silu_gate_up", &tokenmill::int8_silu_gate_up);
+  m.impl("int8_mlp_", &tokenmill::int8_mlp_);
   m.impl("int8_linear_argmax", &tokenmill::int8_linear_argmax);
   m.impl("int4_linear", &tokenmill::int4_linear);
   m.impl("fp32_linear", &tokenmill::fp32_linear);

@@ -28,22 +28,6 @@ void check_rows(const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK(weight.is_contiguous() && weight.numel() == x.size(1), "weight must be [H]");
 }
 
-inline void normalise_row(const float* in, const float* weight, float* out, int64_t H, double eps) {
-  // Four vector accumulators: one scalar sum is a chain of dependent adds (576 values: ~0.8 us, more than
-  // the rest of the norm), and PyTorch's own reduction does not add in order either.
-  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-  int64_t i = 0;
-  for (; i + 32 <= H; i += 32)
-    UNROLL4 for (int j = 0; j < 4; ++j) {
-      const __m256 v = _mm256_loadu_ps(in + i + 8 * j);
-      acc[j] = _mm256_fmadd_ps(v, v, acc[j]);
-    }
-  float sum = tokenmill::sum8(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
-  for (; i < H; ++i) sum += in[i] * in[i];
-  const float inverse = 1.f / std::sqrt(sum / static_cast<float>(H) + static_cast<float>(eps));
-  for (int64_t i = 0; i < H; ++i) out[i] = in[i] * inverse * weight[i];
-}
-
 void check_heads(const at::Tensor& x) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 3 && x.stride(2) == 1, "q/k must be fp32 [T, H, D]");
 }
@@ -60,7 +44,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   const float* wp = weight.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) normalise_row(xp + t * stride, wp, yp + t * H, H, eps);
+    for (int64_t t = begin; t < end; ++t) tokenmill::normalise_row(xp + t * stride, wp, yp + t * H, H, eps);
   });
   return y;
 }
@@ -77,12 +61,7 @@ at::Tensor add_rms_norm_(at::Tensor hidden, const at::Tensor& delta, const at::T
   const float* wp = weight.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      float* row = hp + t * H;
-      const float* add = dp + t * H;
-      for (int64_t i = 0; i < H; ++i) row[i] += add[i];
-      normalise_row(row, wp, yp + t * H, H, eps);
-    }
+    for (int64_t t = begin; t < end; ++t) tokenmill::add_normalise_row(hp + t * H, dp + t * H, wp, yp + t * H, H, eps);
   });
   return y;
 }

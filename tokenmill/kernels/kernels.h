@@ -14,6 +14,17 @@ void check_int8_weights(const at::Tensor& units, const at::Tensor& scales, bool 
 void int8_linear_into(const float* x, int64_t M, const at::Tensor& units, const at::Tensor& scales, float* y);
 void int8_silu_gate_up_into(const float* x, int64_t M, const at::Tensor& units, const at::Tensor& scales,
                             float* y);
+// The same with the residual add and RMSNorm before: hidden [M, K] += delta, then x = RMSNorm(hidden) * weight
+// goes to the matmul rounded to int8 straight from cache (add_rms_norm_ and the *_into above, bit for bit).
+void int8_linear_norm_into(float* hidden, const float* delta, const float* weight, double eps, int64_t M,
+                           const at::Tensor& units, const at::Tensor& scales, float* y);
+// ... and then a whole int8 MLP: y [M, H] = down(silu(gate) * up) of x, the product rounded in cache too.
+void int8_mlp_into(float* hidden, const float* delta, const float* weight, double eps, int64_t M,
+                   const at::Tensor& gate_up_units, const at::Tensor& gate_up_scales, const at::Tensor& down_units,
+                   const at::Tensor& down_scales, float* y);
+at::Tensor int8_mlp_(at::Tensor hidden, const at::Tensor& delta, const at::Tensor& weight, double eps,
+                     const at::Tensor& gate_up_units, const at::Tensor& gate_up_scales, const at::Tensor& down_units,
+                     const at::Tensor& down_scales);
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t rows);
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 at::Tensor add_rms_norm_(at::Tensor hidden, const at::Tensor& delta, const at::Tensor& weight, double eps);

@@ -126,6 +126,30 @@ inline Exps exp_shifted(float* row, int64_t L) {
   return {peak, sum8(acc)};
 }
 
+// RMSNorm of one row in the reference order (variance = mean(x^2), x * rsqrt(variance + eps) * weight).
+inline void normalise_row(const float* in, const float* weight, float* out, int64_t H, double eps) {
+  // Four vector accumulators: one scalar sum is a chain of dependent adds (576 values: ~0.8 us, more than
+  // the rest of the norm), and PyTorch's own reduction does not add in order either.
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  int64_t i = 0;
+  for (; i + 32 <= H; i += 32)
+    UNROLL4 for (int j = 0; j < 4; ++j) {
+      const __m256 v = _mm256_loadu_ps(in + i + 8 * j);
+      acc[j] = _mm256_fmadd_ps(v, v, acc[j]);
+    }
+  float sum = tokenmill::sum8(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+  for (; i < H; ++i) sum += in[i] * in[i];
+  const float inverse = 1.f / std::sqrt(sum / static_cast<float>(H) + static_cast<float>(eps));
+  for (int64_t i = 0; i < H; ++i) out[i] = in[i] * inverse * weight[i];
+}
+
+// row += add (the residual), then out = normalise_row(row): add_rms_norm_ and the fused int8 ops alike.
+inline void add_normalise_row(float* row, const float* add, const float* weight, float* out, int64_t H,
+                              double eps) {
+  for (int64_t i = 0; i < H; ++i) row[i] += add[i];
+  normalise_row(row, weight, out, H, eps);
+}
+
 // A row's largest value, and whether it holds a NaN (which max comparisons skip), eight lanes at a time.
 struct RowPeak {
   float best;

@@ -22,6 +22,7 @@ from tokenmill.layers.linear import (
     Linear,
     make_gate_up,
     make_linear,
+    residual_mlp,
 )
 from tokenmill.layers.norm import add_rms_norm, rms_norm
 from tokenmill.layers.rotary import RotaryEmbedding
@@ -183,12 +184,11 @@ class LlamaModel:
             attended = paged_attention(q, k, v, kv_cache[index, 0], kv_cache[index, 1], ctx, self.scale)
             if rows is not None and index == len(self.layers) - 1:
                 attended, hidden, tokens = attended[rows], hidden[rows], len(rows)
-            hidden, x = add_rms_norm(
-                hidden, layer.o_proj(attended.reshape(tokens, self.q_size)), layer.post_norm, eps
-            )
+            out = layer.o_proj(attended.reshape(tokens, self.q_size))
+            hidden, mlp = residual_mlp(hidden, out, layer.post_norm, eps, layer.gate_up, layer.down)
             # The next layer's input norm (or the final norm) runs fused with this residual add.
             next_norm = self.layers[index + 1].input_norm if index + 1 < len(self.layers) else self.norm
-            hidden, x = add_rms_norm(hidden, layer.down(layer.gate_up.silu_gate_up(x)), next_norm, eps)
+            hidden, x = add_rms_norm(hidden, mlp, next_norm, eps)
         return x
 
     @torch.inference_mode()
