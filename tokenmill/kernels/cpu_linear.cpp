@@ -706,7 +706,7 @@ constexpr int kInt8Panels = 2;  // panels per tile, from three input rows on
 // (a loop of independent chains): 8 chains 253 GMAC/s, 10 302, 12 358, 16 376. Four rows x two panels were
 // 8 chains; seven are 14, with 28 accumulators (the int32 sums and their fp32 totals), two weight vectors and
 // the broadcast: 31 of the 32 registers. Alternated in one process, the same bits: SmolLM2's matmuls at 64
-// rows qkv 100 -> 85 us, o 65 -> 57, gate|up 297 -> 256, down 154 -> 144 (1,024 rows 12-18% faster); the
+// rows qkv 100 -> 85 us, o 65 -> 57, gate|up 297 -> 256, down 154 -> 144 (1,024 rows 13-15% faster); the
 // 64 x (128 -> 128) batch 7.84-7.97 -> 7.13-7.25 s (eight rows: 7.20-7.29).
 constexpr int kInt8TileRows = 7;
 
