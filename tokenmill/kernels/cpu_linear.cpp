@@ -908,6 +908,28 @@ inline void int8_tiles(const uint8_t* units, const float* scales, const Int8Bloc
 // panel p side by side, so a thread's pair of panels yields silu(gate) * up for sixteen columns. The tiles
 // write the pair's 32 columns into a small scratch (cache-resident), and SiLU goes from there to y [M, I]:
 // the [M, 2I] product never travels to memory and back, and no separate pass over it runs.
+// Rows m0 .. m1 - 1 of gate|up pair p (gate panel p and up panel p, stored side by side): 32 outputs per row,
+// the gate's sixteen then the up's, at y + m * ldy. `last`: the end of the thread's run of pairs (the tiles
+// prefetch the next pair while it lasts).
+inline void gate_up_pair(const uint8_t* units, const float* scales, const Int8Blocks& x, int64_t M, int64_t blocks,
+                         int64_t m0, int64_t m1, int64_t p, int64_t last, float* y, int64_t ldy) {
+  constexpr int64_t pair = 2 * kInt8Panel;
+  const uint8_t* panels = units + 2 * p * blocks * kInt8Unit;
+  const float* pair_scales = scales + p * pair;
+#ifdef __AVX512VNNI__
+  if (M == 1) return int8_row(panels, blocks, x, pair_scales, pair, 0, 2, y);
+#endif
+  if (kInt8Panels > 1 && M > 2) {
+    const uint8_t* next = p + 1 < last ? panels + 2 * blocks * kInt8Unit : nullptr;
+    int8_rows<kInt8Panels>(panels, blocks, x, m0, m1, pair_scales, y, ldy, 0, kInt8Panel, next,
+                           2 * blocks * kInt8Unit);
+  } else {
+    int8_rows<1>(panels, blocks, x, m0, m1, pair_scales, y, ldy, 0, kInt8Panel);
+    int8_rows<1>(panels + blocks * kInt8Unit, blocks, x, m0, m1, pair_scales + kInt8Panel, y, ldy, kInt8Panel,
+                 kInt8Panel);
+  }
+}
+
 inline void int8_gated_tiles(const uint8_t* units, const float* scales, const Int8Blocks& x, int64_t M, int64_t I,
                              int64_t K, float* y) {
   const int64_t blocks = K / 32, pair = 2 * kInt8Panel;
@@ -917,22 +939,7 @@ inline void int8_gated_tiles(const uint8_t* units, const float* scales, const In
     for (int64_t m0 = 0; m0 < M; m0 += kInt4RowChunk) {
       const int64_t m1 = std::min(M, m0 + kInt4RowChunk);
       for (int64_t p = begin; p < end; ++p) {
-        const uint8_t* panels = units + 2 * p * blocks * kInt8Unit;
-        const float* pair_scales = scales + p * pair;
-#ifdef __AVX512VNNI__
-        if (M == 1) {
-          int8_row(panels, blocks, x, pair_scales, pair, 0, 2, rows);
-        } else
-#endif
-        if (kInt8Panels > 1 && M > 2) {
-          const uint8_t* next = p + 1 < end ? panels + 2 * blocks * kInt8Unit : nullptr;
-          int8_rows<kInt8Panels>(panels, blocks, x, m0, m1, pair_scales, rows, pair, 0, kInt8Panel, next,
-                                 2 * blocks * kInt8Unit);
-        } else {
-          int8_rows<1>(panels, blocks, x, m0, m1, pair_scales, rows, pair, 0, kInt8Panel);
-          int8_rows<1>(panels + blocks * kInt8Unit, blocks, x, m0, m1, pair_scales + kInt8Panel, rows, pair,
-                       kInt8Panel, kInt8Panel);
-        }
+        gate_up_pair(units, scales, x, M, blocks, m0, m1, p, end, rows, pair);
         for (int64_t m = m0; m < m1; ++m)
           UNROLL for (int64_t h = 0; h < kInt8Panel; h += 8)
             _mm256_storeu_ps(y + m * I + p * kInt8Panel + h,
@@ -958,27 +965,8 @@ inline Int8Blocks int8_gated_blocks(const uint8_t* units, const float* scales, c
     for (int64_t m0 = 0; m0 < M; m0 += kInt4RowChunk) {
       const int64_t m1 = std::min(M, m0 + kInt4RowChunk);
       for (int64_t c = begin; c < end; ++c) {
-        for (int64_t half = 0; half < 2; ++half) {  // pairs 2c and 2c + 1: columns 32c .. 32c + 31
-          const int64_t p = 2 * c + half;
-          const uint8_t* panels = units + 2 * p * blocks * kInt8Unit;
-          const float* pair_scales = scales + p * pair;
-          float* y = rows + half * pair;
-#ifdef __AVX512VNNI__
-          if (M == 1) {
-            int8_row(panels, blocks, x, pair_scales, pair, 0, 2, y);
-            continue;
-          }
-#endif
-          if (kInt8Panels > 1 && M > 2) {
-            const uint8_t* next = p + 1 < 2 * end ? panels + 2 * blocks * kInt8Unit : nullptr;
-            int8_rows<kInt8Panels>(panels, blocks, x, m0, m1, pair_scales, y, 2 * pair, 0, kInt8Panel, next,
-                                   2 * blocks * kInt8Unit);
-          } else {
-            int8_rows<1>(panels, blocks, x, m0, m1, pair_scales, y, 2 * pair, 0, kInt8Panel);
-            int8_rows<1>(panels + blocks * kInt8Unit, blocks, x, m0, m1, pair_scales + kInt8Panel, y, 2 * pair,
-                         kInt8Panel, kInt8Panel);
-          }
-        }
+        for (int64_t half = 0; half < 2; ++half)  // pairs 2c and 2c + 1: columns 32c .. 32c + 31
+          gate_up_pair(units, scales, x, M, blocks, m0, m1, 2 * c + half, 2 * end, rows + half * pair, 2 * pair);
         for (int64_t m = m0; m < m1; m += 16) {
           const int64_t n = std::min<int64_t>(16, m1 - m);
           for (int64_t r = 0; r < n; ++r) {
@@ -997,14 +985,7 @@ inline Int8Blocks int8_gated_blocks(const uint8_t* units, const float* scales, c
             continue;
           }
 #endif
-          for (int64_t r = 0; r < n; ++r) {
-            const int64_t b = first + r * width;
-            const Int8Block block = round_block_int8(product + 32 * r);
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.q + 32 * b), block.bytes);
-            out.scale[b] = block.scale;
-            out.offset[b] = block.scale * block.sum;
-            out.start[b] = -128 * static_cast<int32_t>(block.sum);
-          }
+          for (int64_t r = 0; r < n; ++r) round_blocks(product + 32 * r, first + r * width, first + r * width + 1, out);
         }
       }
     }
