@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenmill.kernels import kernels_available
-from tokenmill.layers.norm import add_rms_norm, silu_mul
+from tokenmill.layers.norm import add_rms_norm, fusable, silu_mul
 from tokenmill.layers.quantization import (
     INT8_PANEL,
     Int4Weight,
@@ -227,11 +227,9 @@ def residual_mlp(
         and gate_up.use_kernel
         and down.use_kernel
         and down.bias is None
-        and hidden.dim() == 2
-        and hidden.dtype == torch.float32
+        and fusable(hidden)
         and hidden.is_contiguous()
         and delta.is_contiguous()
-        and not hidden.requires_grad
     )
     if not fused:
         hidden, x = add_rms_norm(hidden, delta, norm, eps)
